@@ -1,0 +1,54 @@
+"""Where voxels are: the model's canonical grid and resampling between grids through physical space.
+
+The model works on an axis-aligned grid (identity direction in ITK's LPS world) at its own spacing.
+One resampling from the input to that grid handles orientation (permuted, flipped, oblique axes) and
+spacing together, so no voxel is ever matched by index across grids.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import SimpleITK as sitk
+
+
+def physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest physical coordinate covered by the image's voxels (their outer faces)."""
+    corners = [
+        image.TransformContinuousIndexToPhysicalPoint([c - 0.5 for c in corner])
+        for corner in itertools.product(*[(0, n) for n in image.GetSize()])
+    ]
+    corners = np.array(corners)
+    return corners.min(axis=0), corners.max(axis=0)
+
+
+def canonical_grid(image: sitk.Image, spacing: tuple[float, float, float]) -> sitk.Image:
+    """An empty identity-direction image at ``spacing`` that covers the whole input."""
+    low, high = physical_bounds(image)
+    spacing = np.asarray(spacing, dtype=float)
+    size = np.maximum(np.ceil((high - low) / spacing).astype(int), 1)
+    grid = sitk.Image([int(n) for n in size], sitk.sitkUInt8)
+    grid.SetSpacing(spacing.tolist())
+    grid.SetOrigin((low + spacing / 2).tolist())
+    grid.SetDirection(np.eye(3).ravel().tolist())
+    return grid
+
+
+def resample_like(
+    image: sitk.Image, reference: sitk.Image, interpolator=sitk.sitkLinear, default: float = 0.0
+) -> sitk.Image:
+    """Resample ``image`` onto exactly the grid of ``reference`` (size, spacing, origin, direction)."""
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, default, image.GetPixelID())
+
+
+def downsample_smoothly(image: sitk.Image, reference: sitk.Image, default: float) -> sitk.Image:
+    """Linear resampling with a Gaussian pre-filter along the input axes that get coarser (no aliasing)."""
+    target = max(reference.GetSpacing())
+    for axis, spacing in enumerate(image.GetSpacing()):
+        if target / spacing > 1.5:
+            smoother = sitk.RecursiveGaussianImageFilter()
+            smoother.SetSigma(0.4 * target)  # physical mm
+            smoother.SetDirection(axis)
+            image = smoother.Execute(image)
+    return resample_like(image, reference, sitk.sitkLinear, default)

@@ -1,0 +1,185 @@
+"""Reading CT (file or DICOM series) with checks that end in one clear line, and atomic writing."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import UserError
+
+# Bytes of memory per input voxel that a run needs at its peak: the CT as float32, the mask, the combined
+# attention map, and resampling buffers. Measured on the 512x512x200 benchmark (see Testing/benchmark.py).
+PEAK_BYTES_PER_INPUT_VOXEL = 16
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+PANCREAS_SEGMENT = {
+    "name": "Pancreas",
+    "color": (249, 180, 111),
+    # Slicer terminology string: category, type, modifier, anatomic region (SNOMED CT codes).
+    "terminology": "Segmentation category and type - 3D Slicer General Anatomy list"
+    "~SCT^123037004^Anatomical Structure~SCT^15776009^Pancreas~^^~Anatomic codes - DICOM master list~^^~^^",
+}
+
+
+def read_image(path: str | Path) -> sitk.Image:
+    """Read a NIfTI/NRRD/MHA file or a DICOM series folder as a float32 CT in HU."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"input {path} does not exist", "", "check the path")
+    reader, size, components = _dicom_reader(path) if path.is_dir() else _file_reader(path)
+    _check_header(size, components, path)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise UserError(f"cannot read {path}", _first_line(exc), "check that the file is complete") from None
+    return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def _file_reader(path: Path) -> tuple[sitk.ImageFileReader, tuple[int, ...], int]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise UserError(
+            f"{path.name} is not an image SimpleITK can read",
+            "expected NIfTI, NRRD, MHA or a DICOM series folder",
+            "convert the file or pass the DICOM folder",
+        ) from None
+    return reader, reader.GetSize(), reader.GetNumberOfComponents()
+
+
+def _dicom_reader(folder: Path) -> tuple[sitk.ImageSeriesReader, tuple[int, ...], int]:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise UserError(f"no DICOM series in folder {folder}", "", "pass a folder of DICOM slices or an image file")
+    files_per_series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(max(files_per_series, key=len))  # the largest series is the CT volume
+    info = sitk.ImageFileReader()
+    info.SetFileName(reader.GetFileNames()[0])
+    info.ReadImageInformation()
+    return reader, (*info.GetSize()[:2], len(reader.GetFileNames())), info.GetNumberOfComponents()
+
+
+def _check_header(size: tuple[int, ...], components: int, path: Path) -> None:
+    dims = sum(1 for n in size if n > 1)
+    if len(size) != 3 or dims != 3:
+        raise UserError(f"{path.name} is {dims}D", "a CT volume has three dimensions", "pass a 3D CT")
+    if components != 1:
+        raise UserError(
+            f"{path.name} has {components} components per voxel",
+            "a CT has one intensity per voxel",
+            "pass a scalar (grey-level) CT",
+        )
+    needed = int(np.prod(size, dtype=np.float64)) * PEAK_BYTES_PER_INPUT_VOXEL
+    available = available_memory()
+    if available is not None and needed > available:
+        raise UserError(
+            f"{path.name} ({'x'.join(map(str, size))} voxels) needs about {needed / 2**30:.1f} GiB",
+            f"only {available / 2**30:.1f} GiB of memory is free",
+            "crop or downsample the CT first",
+        )
+
+
+def available_memory() -> int | None:
+    """Free memory in bytes, or None where it cannot be told."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def validate_ct(image: sitk.Image, name: str = "the input") -> None:
+    """Reject images the model cannot segment meaningfully, with one line saying why."""
+    if image.GetDimension() != 3:
+        raise UserError(f"{name} is {image.GetDimension()}D", "a CT volume has three dimensions", "pass a 3D CT")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"{name} has several components per voxel", "a CT has one", "pass a scalar CT")
+    spacing = image.GetSpacing()
+    if min(spacing) < 0.05 or max(spacing) > 50:
+        raise UserError(
+            f"{name} has voxel spacing {tuple(round(s, 3) for s in spacing)} mm",
+            "CT voxels are between 0.05 and 50 mm",
+            "fix the spacing in the file header",
+        )
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(array).all():
+        raise UserError(f"{name} contains NaN or infinite voxels", "", "replace them (e.g. with -1024 HU) first")
+    low, high = float(array.min()), float(array.max())
+    if high - low < 1:
+        raise UserError(f"{name} is constant ({low:g})", "there is nothing to segment", "pass a real CT")
+    if low >= 0:
+        raise UserError(
+            f"{name} has no voxel below 0 (range {low:g}..{high:g})",
+            "a CT in Hounsfield units has air and fat below 0",
+            "pass a CT in HU (not a label map, MR, or unscaled raw values)",
+        )
+
+
+def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> None:
+    """Write so that the target is either complete or untouched (temp file, then rename)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}", f"folder {path.parent} does not exist", "create it or choose another")
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"cannot write {path}", f"folder {path.parent} is not writable", "choose another output")
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, compress)
+        os.replace(tmp, path)
+    except RuntimeError as exc:
+        raise UserError(f"cannot write {path}", _first_line(exc), "check the file name and free disk space") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def check_output_path(path: str | Path, kinds: tuple[str, ...]) -> Path:
+    """Fail before any work when an output cannot be written."""
+    path = Path(path)
+    if not path.name.endswith(kinds):
+        raise UserError(f"output {path.name} has an unsupported extension", f"use one of {', '.join(kinds)}", "")
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise UserError(f"cannot write {path}", f"folder {path.parent} is missing or not writable", "choose another")
+    return path
+
+
+def with_segment_metadata(mask: sitk.Image) -> sitk.Image:
+    """Add the keys that make Slicer read a label map .seg.nrrd as a "Pancreas" segment."""
+    mask = sitk.Image(mask)
+    seg = PANCREAS_SEGMENT
+    extent = " ".join(f"0 {n - 1}" for n in mask.GetSize())
+    entries = {
+        "Segment0_ID": "Pancreas",
+        "Segment0_Name": seg["name"],
+        "Segment0_Color": " ".join(f"{c / 255:.6f}" for c in seg["color"]),
+        "Segment0_LabelValue": "1",
+        "Segment0_Layer": "0",
+        "Segment0_Extent": extent,
+        "Segment0_Tags": f"TerminologyEntry:{seg['terminology']}|",
+        "Segmentation_MasterRepresentation": "Binary labelmap",
+        "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+        "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+    }
+    for key, value in entries.items():
+        mask.SetMetaData(key, value)
+    return mask
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
