@@ -1,7 +1,7 @@
 """Inference: a CT (SimpleITK image, any geometry) in; a pancreas mask and attention maps on its grid out.
 
 Stages, in order: canonical grid + resampling (``geometry``), intensity normalisation, body crop,
-sliding-window inference with Gaussian blending (MONAI), post-processing, resampling back.
+sliding-window inference with Gaussian blending (``tiling``), post-processing, resampling back.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from . import geometry
+from . import geometry, tiling
 from .errors import Cancelled, DeviceError
 from .imageio import validate_ct
 from .weights import LoadedModel, load_model
@@ -28,6 +28,10 @@ AIR_HU = -1024.0
 BODY_THRESHOLD_HU = -500.0
 BODY_MARGIN_VOXELS = 4
 OVERLAP = {"full": 0.5, "fast": 0.25}
+# Tiles may grow past the training patch up to this many voxels: the network is fully convolutional, and
+# on the CPU one large tile costs far less than many overlapping small ones (see Testing/benchmark.py).
+MAX_TILE_VOXELS = 200**3
+DIVISOR = 16  # four 2x poolings
 
 
 @dataclass
@@ -176,37 +180,28 @@ class Segmenter:
                 device = torch.device("cpu")
 
     def _sliding_window(self, tensor, device, batch, report, is_cancelled):
-        from monai.inferers import sliding_window_inference  # MONAI imports slowly; only when segmenting
-
-        spec, network = self.model.spec, self.model.network.to(device)
-        roi = tuple(reversed(spec.roi_size))  # spec is (x, y, z); tensors are (z, y, x)
+        network = self.model.network.to(device).to(memory_format=torch.channels_last_3d)
+        roi = _tile_size(tensor.shape[2:], tuple(reversed(self.model.spec.roi_size)))  # spec is (x, y, z)
         overlap = OVERLAP[self.options.quality]
-        total = _window_count(tensor.shape[2:], roi, overlap)
+        total = tiling.count_windows(tensor.shape[2:], roi, overlap, DIVISOR)
         done = 0
-        on_cuda = device.type == "cuda"
-        if on_cuda:
-            network = network.to(memory_format=torch.channels_last_3d)
+        low_precision = _autocast_dtype(device)
 
-        def predict(tile: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        def predict(tiles: torch.Tensor) -> list[torch.Tensor]:
             nonlocal done
             if is_cancelled():
                 raise Cancelled("segmentation cancelled")
-            if on_cuda:
-                tile = tile.to(memory_format=torch.channels_last_3d)
-            with torch.autocast(device.type, dtype=_cuda_autocast_dtype(), enabled=on_cuda):
-                logits, alphas = network(tile, return_attention=True)
-            done += tile.shape[0]
+            tiles = tiles.to(device, memory_format=torch.channels_last_3d)
+            with torch.autocast(device.type, dtype=low_precision, enabled=low_precision is not None):
+                logits, alphas = network(tiles, return_attention=True)
+            done += tiles.shape[0]
             report(0.1 + 0.8 * min(done / total, 1.0), f"Tile {min(done, total)} of {total}")
-            # Full-resolution output first: MONAI resizes its blending weights from one output to the next.
-            return (torch.softmax(logits.float(), dim=1), *(alphas[k].float() for k in sorted(alphas)))
+            return [torch.softmax(logits.float(), dim=1), *(alphas[k] for k in network.attention_levels)]
 
         with torch.inference_mode():
-            out = sliding_window_inference(
-                tensor, roi, batch, predict, overlap=overlap, mode="gaussian",
-                sw_device=device, device=torch.device("cpu"),
-            )
-        probabilities, *alphas = (o[0] for o in out)
-        return probabilities.numpy(), {f"level{k}": a for k, a in zip(sorted(network.attention_levels), alphas)}
+            probabilities, *alphas = tiling.sliding_window(tensor, roi, overlap, predict, DIVISOR, batch)
+        levels = {f"level{k}": a[0] for k, a in zip(network.attention_levels, alphas)}
+        return probabilities[0].numpy(), levels
 
     def _postprocess(self, mask: np.ndarray, grid: sitk.Image) -> sitk.Image:
         image = _on_grid(mask, grid)
@@ -218,17 +213,21 @@ class Segmenter:
         return image
 
 
-def _cuda_autocast_dtype() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Half precision where the hardware runs it fast: bf16/fp16 on CUDA, bf16 on CPUs with native bf16."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    except (AttributeError, RuntimeError):
+        return None
 
 
-def _window_count(shape, roi, overlap) -> int:
-    """How many tiles MONAI's sliding window visits (same interval rule as MONAI)."""
-    count = 1
-    for size, window in zip(shape, roi):
-        step = max(int(window * (1 - overlap)), 1)
-        count *= 1 if size <= window else int(np.ceil((size - window) / step)) + 1
-    return count
+def _tile_size(shape: tuple[int, ...], roi: tuple[int, ...]) -> tuple[int, ...]:
+    """The whole (padded) volume as one tile when it fits the budget, else the model's tile."""
+    whole = tuple(int(np.ceil(n / DIVISOR)) * DIVISOR for n in shape)
+    whole = tuple(max(w, r) if n > r else w for w, r, n in zip(whole, roi, shape))
+    return whole if np.prod(whole, dtype=np.float64) <= MAX_TILE_VOXELS else roi
 
 
 def _body_box(volume: np.ndarray) -> tuple[slice, ...]:
