@@ -153,9 +153,18 @@ def check_output_path(path: str | Path, kinds: tuple[str, ...]) -> Path:
     path = Path(path)
     if not path.name.endswith(kinds):
         raise UserError(f"output {path.name} has an unsupported extension", f"use one of {', '.join(kinds)}", "")
-    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+    if not path.parent.is_dir() or not folder_takes_files(path.parent):
         raise UserError(f"cannot write {path}", f"folder {path.parent} is missing or not writable", "choose another")
     return path
+
+
+def folder_takes_files(folder: Path) -> bool:
+    """Try it: ``os.access`` says yes to root even on read-only or virtual file systems."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            return True
+    except OSError:
+        return False
 
 
 def with_segment_metadata(mask: sitk.Image) -> sitk.Image:
