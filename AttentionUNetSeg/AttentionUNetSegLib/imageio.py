@@ -18,8 +18,9 @@ IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 PANCREAS_SEGMENT = {
     "name": "Pancreas",
     "color": (249, 180, 111),
-    # Slicer terminology string: category, type, modifier, anatomic region (SNOMED CT codes).
-    "terminology": "Segmentation category and type - 3D Slicer General Anatomy list"
+    # Slicer terminology string: context~category~type~modifier~anatomic context~region~region modifier (SNOMED
+    # CT codes). The DICOM master list is the full standard list; TotalSegmentator labels its pancreas the same way.
+    "terminology": "Segmentation category and type - DICOM master list"
     "~SCT^123037004^Anatomical Structure~SCT^15776009^Pancreas~^^~Anatomic codes - DICOM master list~^^~^^",
 }
 
