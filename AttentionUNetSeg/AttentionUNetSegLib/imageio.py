@@ -142,11 +142,19 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> N
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, compress)
+        give_default_permissions(tmp)
         os.replace(tmp, path)
     except RuntimeError as exc:
         raise UserError(f"cannot write {path}", _first_line(exc), "check the file name and free disk space") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def give_default_permissions(path: str | Path) -> None:
+    """The mode a plainly created file gets (mkstemp makes temporary files private, 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def check_output_path(path: str | Path, kinds: tuple[str, ...]) -> Path:
