@@ -161,8 +161,7 @@ class Segmenter:
         )
 
     def _normalise(self, volume: np.ndarray) -> np.ndarray:
-        low, high = self.model.spec.hu_range
-        return ((np.clip(volume, low, high) - low) / (high - low)).astype(np.float32)
+        return normalise_hu(volume, self.model.spec.hu_range)
 
     def _infer(self, tensor, report, is_cancelled):
         """Sliding-window inference; on CUDA out-of-memory, smaller batches, then the CPU."""
@@ -185,7 +184,7 @@ class Segmenter:
         overlap = OVERLAP[self.options.quality]
         total = tiling.count_windows(tensor.shape[2:], roi, overlap, DIVISOR)
         done = 0
-        low_precision = _autocast_dtype(device)
+        low_precision = autocast_dtype(device)
 
         def predict(tiles: torch.Tensor) -> list[torch.Tensor]:
             nonlocal done
@@ -213,7 +212,13 @@ class Segmenter:
         return image
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+def normalise_hu(volume: np.ndarray, hu_range: tuple[float, float]) -> np.ndarray:
+    """The model's intensity normalisation: clip to the HU range stored with the weights, scale to [0, 1]."""
+    low, high = hu_range
+    return ((np.clip(volume, low, high) - low) / (high - low)).astype(np.float32)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """Half precision where the hardware runs it fast: bf16/fp16 on CUDA, bf16 on CPUs with native bf16."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -1,0 +1,96 @@
+"""Training configuration: one YAML/JSON file holds every choice (the bundled model's file is committed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+from ..network import NetworkConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+@dataclass
+class DataSource:
+    """One source of (CT, pancreas) pairs, drawn with probability proportional to ``weight``.
+
+    kind: ``msd`` (Decathlon Task07: imagesTr/labelsTr, 1 pancreas + 2 tumour), ``nih`` (NIH Pancreas-CT
+    converted to NIfTI: an images folder and a labels folder), ``pairs`` (explicit image/label files),
+    ``synthetic`` (CT synthesised from the label maps under ``path``).
+    """
+
+    kind: str
+    weight: float = 1.0
+    path: str = ""  # folder for msd/nih/synthetic
+    images: str = ""  # nih: images folder
+    labels: str = ""  # nih: labels folder
+    pairs: list[list[str]] = field(default_factory=list)  # pairs: [[image, label], ...]
+    label_values: list[int] = field(default_factory=lambda: [1])  # label values that count as pancreas
+
+
+@dataclass
+class TrainingConfig:
+    network: NetworkConfig = NetworkConfig(feature_scale=8)
+    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    hu_range: tuple[float, float] = (-250.0, 350.0)
+    patch_size: tuple[int, int, int] = (96, 96, 96)  # x, y, z voxels
+    batch_size: int = 2
+    steps: int = 10000
+    optimizer: str = "adamw"  # adamw | sgd
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    foreground_fraction: float = 0.67  # patches centred on pancreas
+    validate_every: int = 250
+    checkpoint_every: int = 250
+    seed: int = 0
+    threads: int = 0  # 0 = all cores
+    init_weights: str = ""  # warm start from a model file
+    synthetic_pool: int = 24  # synthetic cases kept in memory, refreshed in the background
+    validation_fraction: float = 0.15  # of label-map patients, held out by patient
+    sources: list[DataSource] = field(default_factory=list)
+    validation_pairs: list[list[str]] = field(default_factory=list)  # real CT for validation Dice
+    output_dir: str = "runs/pancreas"
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainingConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"training config {path} not found", "", "pass a YAML or JSON config file")
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(values, dict):
+            raise UserError(f"training config {path} is not a mapping", "", "see the bundled config for the layout")
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainingConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise UserError(f"unknown training settings {sorted(unknown)}", f"known: {sorted(known)}", "")
+        values = dict(values)
+        if "network" in values:
+            values["network"] = NetworkConfig.from_dict(values["network"])
+        values["sources"] = [DataSource(**s) for s in values.get("sources", [])]
+        for key in ("spacing_mm", "hu_range", "patch_size"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["network"] = self.network.to_dict()
+        return values
+
+
+def resolve_path(text: str) -> Path:
+    """Paths may start with ``{shared}`` (the shared data folder) or be relative to the repository root."""
+    shared = os.environ.get("ATTENTION_UNET_SEG_SHARED", str(REPO_ROOT.parent / "shared"))
+    path = Path(text.replace("{shared}", shared)).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path

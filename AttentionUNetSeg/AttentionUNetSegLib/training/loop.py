@@ -1,0 +1,271 @@
+"""The training loop: patches from the configured sources, Dice + cross-entropy, validation on real CT."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from ..engine import SegmentationOptions, Segmenter, autocast_dtype, normalise_hu
+from ..evaluation import dice
+from ..network import AttentionUNet3D
+from ..weights import LoadedModel, ModelSpec, load_model, save_model
+from .config import TrainingConfig, resolve_path
+from .data import build_sources, load_pair, sample_patch
+
+LOG_FIELDS = ["step", "loss", "learning_rate", "seconds", "validation"]
+
+
+def train(config: TrainingConfig, resume: bool = False, show_progress: bool = True) -> Path:
+    """Train as configured; returns the path of the final model file (also kept as ``best`` by Dice)."""
+    out = resolve_path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    train_entries, validation_entries = _label_map_split(config)
+    network = _initial_network(config).to(device).to(memory_format=torch.channels_last_3d)
+    optimizer = _optimizer(config, network)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _learning_rate_factor(config, step))
+    step = _resume(out, network, optimizer, schedule) if resume else 0
+    sources, probabilities = build_sources(config, train_entries)
+    validation = _validation_cases(config, validation_entries)
+    loss_function = _loss()
+    low_precision = autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and low_precision == torch.float16)
+    best = _best_dice(out)
+    started = time.time()
+    patch = tuple(reversed(config.patch_size))
+    try:
+        bar = tqdm(range(step, config.steps), initial=step, total=config.steps, disable=not show_progress)
+        for step in bar:
+            images, labels = _batch(sources, probabilities, patch, rng, config)
+            network.train()
+            with torch.autocast(device.type, dtype=low_precision, enabled=low_precision is not None):
+                logits = network(images.to(device, memory_format=torch.channels_last_3d))
+            loss = loss_function(logits.float(), labels.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            row = {"step": step + 1, "loss": round(loss.item(), 5),
+                   "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1)}
+            done = step + 1
+            if done % config.validate_every == 0 or done == config.steps:
+                scores = _validate(network, config, validation)
+                row["validation"] = json.dumps(scores)
+                if scores["mean"] > best:
+                    best = scores["mean"]
+                    save_model(network, _spec(config, done, scores), out / "best.safetensors")
+                bar.write(f"step {done}: loss {loss.item():.3f}, validation Dice {scores}")
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                _checkpoint(out, network, optimizer, schedule, config, done)
+            _log(out, row)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    finally:
+        for source in sources:
+            getattr(source, "close", lambda: None)()
+    plot_curves(out)
+    return out / "last.safetensors"
+
+
+def _label_map_split(config: TrainingConfig):
+    from ..synthesis.catalog import labelmap_catalog, split_by_patient
+
+    synthetic = [s for s in config.sources if s.kind == "synthetic"]
+    if not synthetic:
+        return [], []
+    entries = [e for s in synthetic for e in labelmap_catalog(resolve_path(s.path))]
+    return split_by_patient(entries, config.validation_fraction, config.seed)
+
+
+def _initial_network(config: TrainingConfig) -> AttentionUNet3D:
+    if config.init_weights:
+        loaded = load_model(resolve_path(config.init_weights))
+        if loaded.spec.network != config.network:
+            raise ValueError("init_weights were trained with another network configuration")
+        return loaded.network
+    return AttentionUNet3D(config.network)
+
+
+def _optimizer(config: TrainingConfig, network) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(network.parameters(), lr=config.learning_rate, momentum=0.99, nesterov=True,
+                               weight_decay=config.weight_decay)
+    return torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def _learning_rate_factor(config: TrainingConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 2% of the peak."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _loss():
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5)
+
+
+def _augmentations():
+    from monai import transforms as mt
+
+    keys = ["image", "label"]
+    return mt.Compose([
+        mt.RandAffined(keys, prob=0.3, rotate_range=(0.2, 0.2, 0.2), scale_range=(0.15, 0.15, 0.15),
+                       mode=("bilinear", "nearest"), padding_mode="border"),
+        mt.RandScaleIntensityd("image", factors=0.1, prob=0.3),
+        mt.RandShiftIntensityd("image", offsets=0.05, prob=0.3),
+        mt.RandAdjustContrastd("image", gamma=(0.8, 1.25), prob=0.3),
+        mt.RandGaussianSmoothd("image", sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0), sigma_z=(0.3, 1.0), prob=0.2),
+        mt.RandGaussianNoised("image", std=0.03, prob=0.3),
+    ])
+
+
+_AUGMENT = None
+
+
+def _batch(sources, probabilities, patch, rng, config: TrainingConfig):
+    global _AUGMENT
+    _AUGMENT = _AUGMENT or _augmentations()
+    _AUGMENT.set_random_state(seed=int(rng.integers(2**31)))
+    images, labels = [], []
+    for _ in range(config.batch_size):
+        case = sources[rng.choice(len(sources), p=probabilities)].draw(rng)
+        ct, label = sample_patch(case, patch, rng, config.foreground_fraction)
+        sample = _AUGMENT({"image": normalise_hu(ct, config.hu_range)[None], "label": label[None].astype(np.float32)})
+        images.append(torch.as_tensor(np.asarray(sample["image"]), dtype=torch.float32))
+        labels.append(torch.as_tensor(np.asarray(sample["label"])).round().long())
+    return torch.stack(images), torch.stack(labels)
+
+
+def _validation_cases(config: TrainingConfig, validation_entries) -> list[tuple[str, sitk.Image, np.ndarray]]:
+    """Real CT (named in the config) plus a few synthetic volumes from held-out patients' label maps."""
+    cases = []
+    for image_path, label_path in config.validation_pairs:
+        case = load_pair(resolve_path(image_path), resolve_path(label_path), config.spacing_mm)
+        image = sitk.GetImageFromArray(case.ct)
+        cases.append((f"real:{Path(image_path).parent.name}", image, case.pancreas))
+    if validation_entries:
+        from ..synthesis.generator import SyntheticCTGenerator
+
+        generator = SyntheticCTGenerator(validation_entries, spacing_mm=config.spacing_mm, seed=config.seed + 1)
+        rng = np.random.default_rng(config.seed + 1)
+        for index in range(4):
+            ct, pancreas = generator.sample(rng)
+            image = sitk.GetImageFromArray(ct)
+            image.SetSpacing(config.spacing_mm)
+            cases.append((f"synthetic:{index}", image, pancreas))
+    for _, image, _ in cases:
+        image.SetSpacing(config.spacing_mm)
+    return cases
+
+
+def _validate(network, config: TrainingConfig, cases) -> dict[str, float]:
+    """Dice of whole-volume inference through the engine, as users will run it."""
+    network.eval()
+    model = LoadedModel(spec=_spec(config, 0, {}), network=network, path=Path("training"), sha256="")
+    segmenter = Segmenter(model, SegmentationOptions())
+    scores = {}
+    for name, image, truth in cases:
+        result = segmenter.segment(image)
+        scores[name] = round(dice(sitk.GetArrayViewFromImage(result.mask), truth), 4)
+    scores["mean"] = round(float(np.mean(list(scores.values()))), 4) if scores else 0.0
+    return scores
+
+
+def _spec(config: TrainingConfig, steps: int, scores: dict) -> ModelSpec:
+    return ModelSpec(
+        network=config.network,
+        spacing_mm=config.spacing_mm,
+        hu_range=config.hu_range,
+        roi_size=config.patch_size,
+        version=f"trained-{steps}-steps",
+        training={
+            "steps": steps,
+            "sources": [{"kind": s.kind, "weight": s.weight, "path": s.path or "pairs"} for s in config.sources],
+            "validation_dice": scores,
+            "patch_size": list(config.patch_size),
+        },
+    )
+
+
+def _checkpoint(out: Path, network, optimizer, schedule, config: TrainingConfig, step: int) -> None:
+    save_model(network, _spec(config, step, {}), out / "last.safetensors")
+    # Optimizer state is plain tensors and numbers: torch.load(weights_only=True) reads it without pickle code.
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step},
+               out / "last.optimizer.pt")
+
+
+def _resume(out: Path, network, optimizer, schedule) -> int:
+    weights, state_file = out / "last.safetensors", out / "last.optimizer.pt"
+    if not weights.is_file() or not state_file.is_file():
+        return 0
+    network.load_state_dict(load_model(weights).network.state_dict())
+    state = torch.load(state_file, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    return int(state["step"])
+
+
+def _best_dice(out: Path) -> float:
+    best = out / "best.safetensors"
+    if not best.is_file():
+        return -1.0
+    return float(load_model(best).spec.training.get("validation_dice", {}).get("mean", -1.0))
+
+
+def _log(out: Path, row: dict) -> None:
+    path = out / "log.csv"
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def plot_curves(out: Path) -> Path:
+    """Loss and validation Dice against steps, as PNG beside the CSV log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader((out / "log.csv").open()))
+    steps = [int(r["step"]) for r in rows]
+    losses = np.array([float(r["loss"]) for r in rows])
+    smooth = np.convolve(losses, np.ones(50) / 50, mode="valid") if len(losses) >= 50 else losses
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(steps, losses, alpha=0.3, label="loss")
+    left.plot(steps[len(steps) - len(smooth):], smooth, label="loss (50-step mean)")
+    left.set_xlabel("step")
+    left.legend()
+    validated = [(int(r["step"]), json.loads(r["validation"])) for r in rows if r.get("validation")]
+    for name in (validated[-1][1] if validated else {}):
+        right.plot([s for s, v in validated], [v.get(name, np.nan) for s, v in validated], marker=".", label=name)
+    right.set_xlabel("step")
+    right.set_ylabel("Dice")
+    right.set_ylim(0, 1)
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    path = out / "curves.png"
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
