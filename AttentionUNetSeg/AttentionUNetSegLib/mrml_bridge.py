@@ -1,0 +1,364 @@
+"""Between MRML nodes and SimpleITK images, and from a segmentation result to nodes in a scene.
+
+Qt-free: every function takes the scene explicitly and uses only vtkMRML* classes and the static helpers of
+``vtkSlicerSegmentationsModuleLogic``, so it runs with slicer-core (tests, web app) and inside Slicer.
+
+Geometry: a volume node keeps its voxels in a vtkImageData and places them with its IJK-to-RAS matrix;
+SimpleITK (like ITK and DICOM) places voxels in LPS. The two frames differ by the sign of the first two axes.
+
+A run builds every new object before it touches the scene, so a failed or cancelled run leaves the scene
+as it was. Outputs remember their input (a node reference) so that a second run updates them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+from vtkmodules.util import numpy_support
+from vtkmodules.vtkCommonDataModel import vtkImageData
+from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+from .errors import UserError
+from .imageio import PANCREAS_SEGMENT
+
+if TYPE_CHECKING:  # the engine imports torch; converting volumes does not need it
+    from .engine import ProgressCallback, SegmentationResult, Segmenter
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+INPUT_ROLE = "attentionUNetSegInput"  # output node -> the volume it was computed from
+OUTPUT_ATTRIBUTE = "AttentionUNetSeg.Output"  # "segmentation" or "attention <map name>"
+SEGMENTATION_OUTPUT = "segmentation"
+ATTENTION_OUTPUT = "attention "
+ATTENTION_LOWER_THRESHOLD = 0.2  # attention below this is transparent, so the CT shows through
+DEFAULT_ATTENTION_OPACITY = 0.5
+
+
+@dataclass
+class SegmentationOutputs:
+    """The nodes a run wrote: the segmentation, and one volume per attention map name."""
+
+    segmentation_node: slicer.vtkMRMLSegmentationNode
+    attention_nodes: dict[str, slicer.vtkMRMLScalarVolumeNode] = field(default_factory=dict)
+
+
+def volume_node_to_image(volume_node) -> sitk.Image:
+    """The voxels of a scalar volume node as a float32 SimpleITK image in LPS, placed by its IJK-to-RAS.
+
+    The geometry is the node's own frame: a parent transform is not applied (outputs go under the same one).
+    """
+    name = volume_node.GetName() or volume_node.GetID()
+    image_data = volume_node.GetImageData()
+    scalars = image_data.GetPointData().GetScalars() if image_data is not None else None
+    if scalars is None or scalars.GetNumberOfTuples() == 0:
+        raise UserError(f"volume {name} has no voxels", "it holds no scalar image data", "load a CT volume first")
+    if scalars.GetNumberOfComponents() != 1:
+        raise UserError(f"volume {name} has several components per voxel", "a CT has one", "choose a scalar CT")
+    dims = image_data.GetDimensions()
+    voxels = numpy_support.vtk_to_numpy(scalars).reshape(dims[::-1])
+    image = sitk.GetImageFromArray(voxels.astype(np.float32))
+    ijk_to_ras = _matrix_to_numpy(_ijk_to_ras(volume_node))
+    first_voxel = image_data.GetExtent()[::2]  # IJK of the first stored voxel (0, 0, 0 in almost every volume)
+    ijk_to_ras[:3, 3] = ijk_to_ras[:3, :3] @ first_voxel + ijk_to_ras[:3, 3]
+    _set_lps_geometry(image, ijk_to_ras)
+    return image
+
+
+def image_to_volume_node(image: sitk.Image, scene, name: str, node=None) -> slicer.vtkMRMLScalarVolumeNode:
+    """Put ``image`` in ``node`` (voxels and geometry), or in a new scalar volume node added to ``scene``."""
+    image_data, ijk_to_ras = _vtk_volume(image)
+    if node is None:
+        node = slicer.vtkMRMLScalarVolumeNode()
+        node.SetName(name)
+        _fill_volume_node(node, image_data, ijk_to_ras)
+        scene.AddNode(node)
+        node.CreateDefaultDisplayNodes()
+        return node
+    was_modifying = node.StartModify()
+    node.SetName(name)
+    _fill_volume_node(node, image_data, ijk_to_ras)
+    node.EndModify(was_modifying)
+    return node
+
+
+def import_result(
+    scene,
+    input_volume_node,
+    mask: sitk.Image,
+    attention_maps: dict[str, sitk.Image],
+    segmentation_node=None,
+) -> SegmentationOutputs:
+    """Write a mask and attention maps into ``scene`` as nodes belonging to ``input_volume_node``.
+
+    The mask becomes the "Pancreas" segment of ``segmentation_node`` (or of the segmentation a previous
+    run made for this input, or of a new one); each attention map a volume "<input> attention <map>".
+    Nodes of a previous run on the same input are updated, not duplicated. Everything is built before the
+    scene changes. The attention maps are not shown; call :func:`show_attention` for that.
+    """
+    for node, what in ((input_volume_node, "input_volume_node"), (segmentation_node, "segmentation_node")):
+        if node is not None and scene.GetNodeByID(node.GetID() or "") is not node:
+            raise ValueError(f"{what} must be a node of the scene")
+    input_name = input_volume_node.GetName() or "Volume"
+    previous = _previous_outputs(scene, input_volume_node)
+    segment = _pancreas_segment(mask)
+    target = segmentation_node or previous.segmentation_node
+    new_segmentation = _new_segmentation_node(f"{input_name} segmentation", segment) if target is None else None
+    volumes = {name: _vtk_volume(image) for name, image in attention_maps.items()}
+    heat_colour_id, new_heat_colour = _heat_colour(scene)
+    attention = {
+        name: _attention_node_and_display(previous.attention_nodes.get(name), heat_colour_id) for name in attention_maps
+    }
+
+    # Only now does the scene change; nothing below is expected to fail on valid nodes.
+    if new_heat_colour is not None:
+        scene.AddNode(new_heat_colour)
+    if new_segmentation is not None:
+        scene.AddNode(new_segmentation)
+    segmentation = new_segmentation or target
+    if previous.segmentation_node not in (None, segmentation):
+        previous.segmentation_node.RemoveAttribute(OUTPUT_ATTRIBUTE)  # the input's latest result is elsewhere now
+    _mark_output(segmentation, input_volume_node, SEGMENTATION_OUTPUT)
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(input_volume_node)  # after the transform is set
+    if new_segmentation is None:
+        _replace_pancreas(segmentation, segment)
+    if segmentation.GetDisplayNode() is None:
+        segmentation.CreateDefaultDisplayNodes()
+    outputs = SegmentationOutputs(segmentation)
+    for name, (node, display) in attention.items():
+        _write_attention_node(scene, node, display, f"{input_name} attention {name}", *volumes[name])
+        _mark_output(node, input_volume_node, ATTENTION_OUTPUT + name)
+        outputs.attention_nodes[name] = node
+    return outputs
+
+
+def show_attention(scene, attention_node, opacity: float = DEFAULT_ATTENTION_OPACITY, visible: bool = True) -> None:
+    """Show ``attention_node`` as the foreground layer over its input in every slice view, or hide it."""
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"opacity must be between 0 and 1, not {opacity}")
+    input_node = attention_node.GetNodeReference(INPUT_ROLE)
+    for composite in _nodes_of_class(scene, "vtkMRMLSliceCompositeNode"):
+        if visible:
+            was_modifying = composite.StartModify()
+            if input_node is not None:
+                composite.SetBackgroundVolumeID(input_node.GetID())
+            composite.SetForegroundVolumeID(attention_node.GetID())
+            composite.SetForegroundOpacity(opacity)
+            composite.EndModify(was_modifying)
+        elif composite.GetForegroundVolumeID() == attention_node.GetID():
+            composite.SetForegroundVolumeID(None)
+
+
+def segment_volume_node(
+    scene,
+    volume_node,
+    segmenter: Segmenter,
+    progress: ProgressCallback | None = None,
+    cancel: Callable[[], bool] | None = None,
+    segmentation_node=None,
+    attention_names: tuple[str, ...] = ("combined",),
+) -> tuple[SegmentationOutputs, SegmentationResult]:
+    """Segment the pancreas in a volume node and put the result in the scene, the first map shown.
+
+    Raises ``UserError`` for bad input and ``Cancelled`` when ``cancel()`` returns True; in both cases the
+    scene is exactly as it was.
+    """
+    result = segmenter.segment(volume_node_to_image(volume_node), progress=progress, cancel=cancel)
+    unknown = [name for name in attention_names if name not in result.attention_names]
+    if unknown:
+        raise UserError(
+            f"no attention map {', '.join(unknown)}",
+            f"this model has {', '.join(result.attention_names)}",
+            "choose one of those",
+        )
+    maps = {name: result.attention_map(name) for name in attention_names}
+    outputs = import_result(scene, volume_node, result.mask, maps, segmentation_node)
+    if attention_names:
+        show_attention(scene, outputs.attention_nodes[attention_names[0]])
+    return outputs, result
+
+
+# --- geometry ------------------------------------------------------------------------------------------
+
+
+def _ijk_to_ras(volume_node) -> vtkMatrix4x4:
+    matrix = vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return matrix
+
+
+def _matrix_to_numpy(matrix: vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _set_lps_geometry(image: sitk.Image, ijk_to_ras: np.ndarray) -> None:
+    axes = ijk_to_ras[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((LPS_TO_RAS @ (axes / spacing)).ravel().tolist())
+    image.SetOrigin((LPS_TO_RAS @ ijk_to_ras[:3, 3]).tolist())
+
+
+def _ras_matrix(image: sitk.Image) -> vtkMatrix4x4:
+    """IJK-to-RAS of a SimpleITK image (whose geometry is in LPS)."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
+    ijk_to_ras[:3, 3] = LPS_TO_RAS @ np.array(image.GetOrigin())
+    matrix = vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, ijk_to_ras[r, c])
+    return matrix
+
+
+def _vtk_volume(image: sitk.Image) -> tuple[vtkImageData, vtkMatrix4x4]:
+    """Voxels as a vtkImageData at unit spacing and zero origin (the volume node places them), and IJK-to-RAS."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError("expected a 3D scalar image")
+    voxels = sitk.GetArrayViewFromImage(image)  # (k, j, i): i varies fastest, as VTK stores points
+    image_data = vtkImageData()
+    image_data.SetDimensions(image.GetSize())
+    image_data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(voxels.ravel(), deep=True))
+    return image_data, _ras_matrix(image)
+
+
+def _fill_volume_node(node, image_data: vtkImageData, ijk_to_ras: vtkMatrix4x4) -> None:
+    node.SetIJKToRASMatrix(ijk_to_ras)
+    node.SetAndObserveImageData(image_data)
+
+
+# --- outputs -------------------------------------------------------------------------------------------
+
+
+def _nodes_of_class(scene, class_name: str) -> list:
+    return [scene.GetNthNodeByClass(i, class_name) for i in range(scene.GetNumberOfNodesByClass(class_name))]
+
+
+def _mark_output(node, input_volume_node, kind: str) -> None:
+    node.SetAttribute(OUTPUT_ATTRIBUTE, kind)
+    node.SetNodeReferenceID(INPUT_ROLE, input_volume_node.GetID())
+    node.SetAndObserveTransformNodeID(input_volume_node.GetTransformNodeID())  # same frame as the input
+
+
+def _previous_outputs(scene, input_volume_node) -> SegmentationOutputs:
+    """The nodes an earlier run wrote for this input (the segmentation may be None)."""
+    outputs = SegmentationOutputs(None)
+    for node in _nodes_of_class(scene, "vtkMRMLNode"):
+        kind = node.GetAttribute(OUTPUT_ATTRIBUTE)
+        if not kind or node.GetNodeReferenceID(INPUT_ROLE) != input_volume_node.GetID():
+            continue
+        if kind == SEGMENTATION_OUTPUT and node.IsA("vtkMRMLSegmentationNode"):
+            outputs.segmentation_node = node
+        elif kind.startswith(ATTENTION_OUTPUT) and node.IsA("vtkMRMLScalarVolumeNode"):
+            outputs.attention_nodes[kind[len(ATTENTION_OUTPUT) :]] = node
+    return outputs
+
+
+def _pancreas_segment(mask: sitk.Image) -> slicer.vtkSegment:
+    image_data, ijk_to_ras = _vtk_volume(sitk.Cast(mask != 0, sitk.sitkUInt8))
+    labelmap = slicer.vtkOrientedImageData()
+    labelmap.ShallowCopy(image_data)
+    labelmap.SetImageToWorldMatrix(ijk_to_ras)
+    segment = slicer.vtkSegment()
+    segment.SetName(PANCREAS_SEGMENT["name"])
+    segment.SetColor(*(c / 255.0 for c in PANCREAS_SEGMENT["color"]))
+    segment.SetTag(segment.GetTerminologyEntryTagName(), PANCREAS_SEGMENT["terminology"])  # as Slicer 5.8+ stores it
+    segment.SetLabelValue(1)
+    segment.AddRepresentation(_labelmap_name(), labelmap)
+    return segment
+
+
+def _labelmap_name() -> str:
+    return slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+
+
+def _surface_name() -> str:
+    return slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+
+
+def _ensure_surface_conversion() -> None:
+    """Slicer registers the labelmap-to-surface rule when its Segmentations module starts; slicer-core does not."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    rules = factory.GetConverterRules()
+    if not any(
+        r.GetSourceRepresentationName() == _labelmap_name() and r.GetTargetRepresentationName() == _surface_name()
+        for r in rules
+    ):
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+
+
+def _new_segmentation_node(name: str, segment) -> slicer.vtkMRMLSegmentationNode:
+    """A segmentation node outside any scene, holding ``segment`` with its 3D surface already made."""
+    _ensure_surface_conversion()
+    node = slicer.vtkMRMLSegmentationNode()
+    node.SetName(name)
+    segmentation = node.GetSegmentation()
+    segmentation.SetSourceRepresentationName(_labelmap_name())
+    segmentation.AddSegment(segment, PANCREAS_SEGMENT["name"])
+    segmentation.CreateRepresentation(_surface_name())
+    return node
+
+
+def _replace_pancreas(node, segment) -> None:
+    """Replace the voxels of the node's "Pancreas" segment (keeping its display settings), or add the segment."""
+    _ensure_surface_conversion()
+    segmentation = node.GetSegmentation()
+    segment_id = segmentation.GetSegmentIdBySegmentName(segment.GetName())
+    if segment_id:
+        labelmap = segment.GetRepresentation(_labelmap_name())
+        slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            labelmap, node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+        )
+        segmentation.GetSegment(segment_id).SetTag(
+            segment.GetTerminologyEntryTagName(), PANCREAS_SEGMENT["terminology"]
+        )
+    else:
+        segmentation.AddSegment(segment, segmentation.GenerateUniqueSegmentID(segment.GetName()))
+    node.CreateClosedSurfaceRepresentation()
+
+
+def _heat_colour(scene) -> tuple[str, slicer.vtkMRMLPETProceduralColorNode | None]:
+    """ID of Slicer's PET heat colour map, and a new node to add when the scene lacks it (Slicer adds it at
+    start-up; a bare slicer-core scene has no colour nodes)."""
+    node_id = slicer.vtkMRMLColorLogic.GetPETColorNodeID(slicer.vtkMRMLPETProceduralColorNode.PETheat)
+    if scene.GetNodeByID(node_id) is not None:
+        return node_id, None
+    node = slicer.vtkMRMLPETProceduralColorNode()
+    node.SetTypeToHeat()
+    node.SetName(node.GetTypeAsString())
+    node.SetSingletonTag(node.GetTypeAsString())  # gives the same ID as Slicer's, so it is never made twice
+    node.SaveWithSceneOff()
+    return node_id, node
+
+
+def _attention_node_and_display(existing, colour_node_id: str):
+    """The node to write an attention map into (a previous run's, or a new one), and a display node to give
+    it when it has none: heat colours over 0..1, values below the threshold transparent."""
+    node = existing or slicer.vtkMRMLScalarVolumeNode()
+    if node.GetDisplayNode() is not None:
+        return node, None
+    display = slicer.vtkMRMLScalarVolumeDisplayNode()
+    display.SetAndObserveColorNodeID(colour_node_id)
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.AutoThresholdOff()
+    display.SetThreshold(ATTENTION_LOWER_THRESHOLD, 1.0)
+    display.ApplyThresholdOn()
+    display.SetInterpolate(1)
+    return node, display
+
+
+def _write_attention_node(scene, node, display, name: str, image_data, ijk_to_ras) -> None:
+    was_modifying = node.StartModify()
+    node.SetName(name)
+    _fill_volume_node(node, image_data, ijk_to_ras)
+    node.EndModify(was_modifying)
+    if node.GetScene() is None:
+        scene.AddNode(node)
+    if display is not None:
+        scene.AddNode(display)
+        node.SetAndObserveDisplayNodeID(display.GetID())
