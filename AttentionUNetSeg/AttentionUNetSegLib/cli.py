@@ -1,0 +1,331 @@
+"""The ``attention-unet-seg`` command: ``segment``, ``info``, ``demo`` and the subcommands of other modules.
+
+Every failure the user can fix ends as one ``error: ...`` line on stderr and exit status 2; Ctrl-C ends
+with 130. Outputs are written only once everything else succeeded, all of them or none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from . import __version__, imageio
+from .errors import Cancelled, UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+LABEL_SUFFIXES = (".seg.nrrd", ".nrrd", ".nii.gz", ".nii")
+ATTENTION_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+PROGRESS_MODES = ("bar", "lines", "none")
+
+# Subcommands that live in their own modules, imported only when used. Each module has
+# ``add_arguments(parser)`` and ``run(args) -> int``.
+COMMAND_MODULES = {
+    "demo": ".demo",
+}
+
+Writer = Callable[[Path], None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_in(argv)).parse_args(argv)
+    with _one_line_warnings(), _terminate_as_interrupt():
+        try:
+            return args.run(args)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except (KeyboardInterrupt, Cancelled):
+            print("error: interrupted; no output was written", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except MemoryError:
+            print("error: out of memory; close other programs, or crop or downsample the CT", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except Exception as exc:  # a bug: still one line, the traceback only on request
+            if args.debug:
+                raise
+            print(f"error: unexpected {type(exc).__name__}: {exc}; please report it (rerun with --debug "
+                  "for the details)", file=sys.stderr)
+            return 1
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; of the module subcommands only ``command`` is imported (the others stay lazy)."""
+    parser = argparse.ArgumentParser(
+        prog="attention-unet-seg",
+        description="Pancreas segmentation in abdominal CT with a 3D Attention U-Net, with attention maps.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of unexpected errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_segment(commands)
+    _add_info(commands)
+    for name, module_name in COMMAND_MODULES.items():
+        if name != command:
+            commands.add_parser(name, help=f"see 'attention-unet-seg {name} --help'")
+            continue
+        module = importlib.import_module(module_name, __package__)
+        sub = commands.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0],
+                                  description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def _command_in(argv: list[str]) -> str | None:
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def _add_segment(commands) -> None:
+    parser = commands.add_parser(
+        "segment", help="segment the pancreas in one CT",
+        description="Segment the pancreas in a CT (NIfTI, NRRD, MHA file or DICOM series folder). "
+        "The label map (1 = pancreas) and the attention maps are written on the input's own grid.",
+    )
+    parser.add_argument("input", type=Path, help="CT file or DICOM series folder")
+    parser.add_argument("-o", "--output", type=Path, required=True,
+                        help=f"label map to write ({', '.join(LABEL_SUFFIXES)})")
+    parser.add_argument("--attention", type=Path, help="combined attention map to write (float32 in [0, 1])")
+    parser.add_argument("--attention-maps", type=Path, metavar="DIR",
+                        help="folder to write every attention map into (combined, per level, per gate)")
+    add_model_arguments(parser)
+    parser.set_defaults(run=run_segment)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that runs the network."""
+    parser.add_argument("--weights", type=Path, help="model file (.safetensors); default: the bundled model")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--fast", action="store_true", help="less tile overlap: faster, slightly less accurate")
+    parser.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
+                        help="bar on stderr, 'PROGRESS <fraction> <text>' lines on stdout, or none")
+
+
+def _add_info(commands) -> None:
+    parser = commands.add_parser("info", help="show the bundled model and the compute devices")
+    parser.add_argument("--weights", type=Path, help="describe this model file instead of the bundled one")
+    parser.set_defaults(run=run_info)
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    label_path = imageio.check_output_path(args.output, LABEL_SUFFIXES)
+    attention_path = imageio.check_output_path(args.attention, ATTENTION_SUFFIXES) if args.attention else None
+    maps_dir = check_output_folder(args.attention_maps) if args.attention_maps else None
+    _refuse_overwriting_input(args.input, [label_path, attention_path])
+
+    image = read_ct(args.input)
+    segmenter = load_segmenter(args)
+    result = segment_with_progress(segmenter, image, args.progress)
+
+    writers = {label_path: label_writer(result.mask, label_path)}
+    if attention_path:
+        writers[attention_path] = image_writer(result.attention)
+    if maps_dir:
+        for name in result.attention_names:
+            writers[maps_dir / f"{name}.nii.gz"] = image_writer(result.attention_map(name))
+    write_outputs(writers)
+    print(summary_line(result, time.perf_counter() - started), flush=True)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from . import engine, weights
+
+    model_path = args.weights or weights.bundled_model_path()
+    if args.weights or model_path.is_file():
+        print(describe_model(model_path))
+        card = weights.model_card_text() if not args.weights else ""
+        if card:
+            print()
+            print(card.rstrip())
+    else:
+        print(f"No trained model is bundled with this copy of AttentionUNetSeg (looked for {model_path}).")
+        print("Pass a model file to any command with --weights FILE, e.g.")
+        print("  attention-unet-seg segment ct.nii.gz -o pancreas.nii.gz --weights model.safetensors")
+    print()
+    print(f"Devices: {engine.describe_gpu()}; --device auto uses {engine.resolve_device('auto')}; "
+          f"{os.cpu_count()} CPU cores")
+    return 0
+
+
+def describe_model(path: Path) -> str:
+    """A few lines on a verified model file: what it is and what it expects."""
+    from .weights import read_spec
+
+    spec = read_spec(path)
+    net = spec.network
+    filters = ", ".join(map(str, net.filters))
+    supervision = "on" if net.deep_supervision else "off"
+    spacing = " x ".join(f"{s:g}" for s in spec.spacing_mm)
+    tiles = " x ".join(map(str, spec.roi_size))
+    lines = [
+        f"Model: {path}",
+        f"  version {spec.version}; labels {', '.join(spec.label_names)}",
+        f"  network: feature scale {net.feature_scale} (filters {filters}), {net.norm} norm, "
+        + f"{net.gates_per_level} gate(s) per level, deep supervision {supervision}",
+        f"  input: {spacing} mm voxels, HU {spec.hu_range[0]:g}..{spec.hu_range[1]:g}, tiles {tiles}",
+    ]
+    if spec.training:
+        lines.append(f"  training: {spec.training}")
+    return "\n".join(lines)
+
+
+def read_ct(path: Path) -> sitk.Image:
+    image = imageio.read_image(path)
+    imageio.validate_ct(image, path.name)
+    return image
+
+
+def load_segmenter(args: argparse.Namespace):
+    """Device first (cheap to check), then the verified weights."""
+    from .engine import SegmentationOptions, Segmenter, resolve_device
+
+    resolve_device(args.device)
+    options = SegmentationOptions(device=args.device, quality="fast" if args.fast else "full")
+    return Segmenter(args.weights, options)
+
+
+def segment_with_progress(segmenter, image: sitk.Image, mode: str):
+    with progress_reporter(mode) as report:
+        return segmenter.segment(image, progress=report)
+
+
+@contextlib.contextmanager
+def progress_reporter(mode: str) -> Iterator[Callable[[float, str], None]]:
+    """A ``(fraction, text)`` callback: a tqdm bar on stderr, ``PROGRESS`` lines on stdout, or silence."""
+    if mode == "lines":
+        yield lambda fraction, text: print(f"PROGRESS {fraction:.3f} {text}", flush=True)
+        return
+    if mode == "none":
+        yield lambda fraction, text: None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, file=sys.stderr, bar_format="{desc:<30.30} {percentage:3.0f}%|{bar}| {elapsed}")
+
+    def report(fraction: float, text: str) -> None:
+        bar.set_description_str(text, refresh=False)
+        bar.update(max(round(fraction * 100) - bar.n, 0))
+
+    try:
+        yield report
+    except BaseException:
+        bar.leave = False  # an error line follows; no half bar above it
+        raise
+    finally:
+        bar.close()
+
+
+def summary_line(result, seconds: float) -> str:
+    return f"Pancreas {result.volume_ml:.1f} mL; {seconds:.1f} s on {result.device}"
+
+
+def check_output_folder(folder: Path) -> Path:
+    """A folder that exists and takes files, or one that can be created."""
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir() or not imageio.folder_takes_files(existing):
+        raise UserError(f"cannot write into {folder}", f"{existing} is not a writable folder", "choose another")
+    return folder
+
+
+def _refuse_overwriting_input(input_path: Path, outputs: list[Path | None]) -> None:
+    for output in outputs:
+        if output is not None and output.resolve() == input_path.resolve():
+            raise UserError(f"output {output} is the input", "it would be overwritten", "choose another output")
+
+
+def label_writer(mask: sitk.Image, path: Path) -> Writer:
+    """``.seg.nrrd`` gets the segment metadata Slicer reads; other formats a plain label map."""
+    return image_writer(imageio.with_segment_metadata(mask) if path.name.endswith(".seg.nrrd") else mask)
+
+
+def image_writer(image: sitk.Image) -> Writer:
+    return lambda path: imageio.write_image(image, path)
+
+
+def write_outputs(writers: dict[Path, Writer]) -> None:
+    """Write all outputs or none: each into a hidden file beside its target, renamed once all are written.
+
+    Files the user already had are replaced only in that last step, and a failure or Ctrl-C at any
+    point removes what this run wrote.
+    """
+    targets = [Path(p) for p in writers]
+    if len({p.resolve() for p in targets}) != len(targets):
+        raise UserError("two outputs name the same file", "", "give each output its own name")
+    created_folders = [p.parent for p in targets if not p.parent.exists()]
+    staged: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for folder in dict.fromkeys(created_folders):
+            folder.mkdir(parents=True)
+        for target, write in writers.items():
+            staged.append((_hidden_twin(Path(target)), Path(target)))
+            write(staged[-1][0])
+        for temporary, target in staged:
+            os.replace(temporary, target)
+            placed.append(target)
+    except BaseException:
+        for path in [*placed, *(temporary for temporary, _ in staged)]:
+            path.unlink(missing_ok=True)
+        for folder in dict.fromkeys(created_folders):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _hidden_twin(path: Path) -> Path:
+    """A free hidden name in the same folder that keeps the extension (it picks the file format)."""
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[: -len(suffix)]}-partial-", suffix=suffix)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Library warnings (e.g. the GPU-out-of-memory fallback) as single ``warning:`` lines."""
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (how the Slicer panel stops its child process) cleans up like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Segment a real abdominal CT and write the segmentation, the attention map and a PNG preview.
+
+With no INPUT, the CT is the first case of the project's shared data folder (../shared/data beside the
+repository, or $ATTENTION_UNET_SEG_DATA), else Slicer's "CTAAbdomenPanoramix" sample, downloaded once
+into a cache and verified by its SHA-256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import imageio
+from .cli import (
+    add_model_arguments,
+    check_output_folder,
+    image_writer,
+    label_writer,
+    load_segmenter,
+    read_ct,
+    segment_with_progress,
+    summary_line,
+    write_outputs,
+)
+from .errors import UserError
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+LABEL_FORMATS = ("seg.nrrd", "nii.gz")
+DOWNLOAD_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class SampleCT:
+    name: str
+    file_name: str
+    url: str
+    sha256: str
+
+
+# The abdominal CTA that Slicer's SampleData module offers (Modules/Scripted/SampleData/SampleData.py).
+PANORAMIX = SampleCT(
+    name="Panoramix-cropped",
+    file_name="Panoramix-cropped.nrrd",
+    url="https://github.com/Slicer/SlicerTestingData/releases/download/"
+    "SHA256/146af87511520c500a3706b7b2bfb545f40d5d04dd180be3a7a2c6940e447433",
+    sha256="146af87511520c500a3706b7b2bfb545f40d5d04dd180be3a7a2c6940e447433",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", nargs="?", type=Path,
+                        help="CT file or DICOM series folder (default: a real abdominal CT, see above)")
+    parser.add_argument("--output-dir", type=Path, default=Path("output"), help="where to write (default: ./output)")
+    parser.add_argument("--label-format", choices=LABEL_FORMATS, default="seg.nrrd",
+                        help="segmentation file format (default: seg.nrrd, which Slicer loads as a segmentation)")
+    add_model_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    output_dir = check_output_folder(args.output_dir)
+    segmenter = load_segmenter(args)  # before any download: without a model there is nothing to demonstrate
+    ct_path, case = (args.input, case_name(args.input)) if args.input else default_input()
+    print(f"Segmenting {ct_path}", flush=True)
+    image = read_ct(ct_path)
+    result = segment_with_progress(segmenter, image, args.progress)
+
+    from .preview import render_overlays  # matplotlib: only once there is something to draw
+
+    label_path = output_dir / f"{case}_pancreas.{args.label_format}"
+    attention_path = output_dir / f"{case}_attention.nii.gz"
+    preview_path = output_dir / f"{case}_preview.png"
+    title = f"{case}: pancreas {result.volume_ml:.1f} mL (model {segmenter.model.spec.version})"
+    write_outputs({
+        label_path: label_writer(result.mask, label_path),
+        attention_path: image_writer(result.attention),
+        preview_path: lambda path: render_overlays(image, result.mask, result.attention, path, title=title),
+    })
+    print(f"Segmentation:  {label_path}")
+    print(f"Attention map: {attention_path}")
+    print(f"Preview:       {preview_path}")
+    print(summary_line(result, time.perf_counter() - started), flush=True)
+    return 0
+
+
+def case_name(path: Path) -> str:
+    """``ct.nii.gz`` -> ``ct``; a DICOM folder keeps its name."""
+    if path.is_dir():
+        return path.resolve().name
+    name = path.name
+    for suffix in imageio.IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def default_input() -> tuple[Path, str]:
+    """The first case of the shared data folder, else the cached (or downloaded) Slicer sample CT."""
+    data = shared_data_dir()
+    cases = sorted(p for p in data.iterdir() if (p / "ct.nii.gz").is_file()) if data.is_dir() else []
+    if cases:
+        return cases[0] / "ct.nii.gz", cases[0].name
+    try:
+        return fetch_verified(PANORAMIX.url, PANORAMIX.sha256, cache_dir() / PANORAMIX.file_name), PANORAMIX.name
+    except UserError as exc:
+        raise UserError(
+            "no CT to run the demo on",
+            f"{data} has no cases and the sample CT could not be fetched ({exc.what}: {exc.why})",
+            "pass a CT: attention-unet-seg demo PATH/TO/ct.nii.gz (or a DICOM folder)",
+        ) from None
+
+
+def shared_data_dir() -> Path:
+    override = os.environ.get("ATTENTION_UNET_SEG_DATA")
+    return Path(override) if override else REPOSITORY.parent / "shared" / "data"
+
+
+def cache_dir() -> Path:
+    override = os.environ.get("ATTENTION_UNET_SEG_CACHE")
+    if override:
+        return Path(override)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attention-unet-seg"
+
+
+def fetch_verified(url: str, sha256: str, destination: Path) -> Path:
+    """``destination`` if it holds the file with that SHA-256; otherwise download it there and check it."""
+    if destination.is_file() and _file_sha256(destination) == sha256:
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _download(url, out)
+        if _file_sha256(Path(partial)) != sha256:
+            raise UserError(f"the download of {destination.name} failed its SHA-256 check",
+                            f"{url} did not serve the expected file", "try again later")
+        os.replace(partial, destination)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return destination
+
+
+def _download(url: str, out) -> None:
+    from tqdm import tqdm
+
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm.wrapattr(out, "write", total=size, desc=f"Downloading {Path(url).name[:16]}",
+                               unit="B", unit_scale=True, leave=False) as progress:
+                shutil.copyfileobj(response, progress)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"cannot download {url}", str(reason), "check the internet connection") from None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
