@@ -34,6 +34,7 @@ PROGRESS_MODES = ("bar", "lines", "none")
 # ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMAND_MODULES = {
     "demo": ".demo",
+    "train": ".training.command",
 }
 
 Writer = Callable[[Path], None]

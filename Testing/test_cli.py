@@ -1,0 +1,289 @@
+"""The ``attention-unet-seg`` command run as a user runs it (a child process) on real CT."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from AttentionUNetSegLib import cli, demo
+from AttentionUNetSegLib.errors import UserError
+from AttentionUNetSegLib.imageio import PANCREAS_SEGMENT, read_image
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("attention-unet-seg")
+ATTENTION_NAMES = {
+    "combined", *(f"level{k}" for k in (2, 3, 4)), *(f"level{k}_gate{g}" for k in (2, 3, 4) for g in (1, 2)),
+}
+
+
+def run_cli(*args, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The installed console script (``pip install -e .`` makes it), as a user would call it."""
+    assert CONSOLE_SCRIPT.is_file(), f"{CONSOLE_SCRIPT} missing: run 'pip install -e .' in this environment"
+    return subprocess.run(
+        [str(CONSOLE_SCRIPT), *map(str, args)], check=False, capture_output=True, text=True, timeout=240,
+        env={**os.environ, **(env or {})}, cwd=cwd,
+    )
+
+
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6))
+
+
+def reported_volume_ml(stdout: str) -> float:
+    return float(re.search(r"Pancreas ([0-9.]+) mL; [0-9.]+ s on cpu", stdout).group(1))
+
+
+@pytest.fixture(scope="module")
+def small_run(small_ct, tiny_model, tmp_path_factory):
+    """One segmentation of the small real CT with every output, progress as PROGRESS lines."""
+    out = tmp_path_factory.mktemp("small_run")
+    result = run_cli("segment", small_ct, "-o", out / "pancreas.nii.gz", "--attention", out / "attention.nii.gz",
+                     "--attention-maps", out / "maps", "--weights", tiny_model, "--progress", "lines")
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_label_map_is_uint8_on_the_input_grid(small_run, small_ct):
+    out, _ = small_run
+    label = sitk.ReadImage(str(out / "pancreas.nii.gz"))
+    assert label.GetPixelID() == sitk.sitkUInt8
+    assert same_grid(label, sitk.ReadImage(str(small_ct)))
+    assert set(np.unique(sitk.GetArrayViewFromImage(label))) <= {0, 1}
+
+
+def test_cli_writes_what_the_engine_computes(small_run, small_ct, tiny_model):
+    from AttentionUNetSegLib.engine import Segmenter
+
+    out, result = small_run
+    expected = Segmenter(tiny_model).segment(read_image(small_ct))
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "pancreas.nii.gz")))
+    assert np.array_equal(label, sitk.GetArrayViewFromImage(expected.mask))
+    assert reported_volume_ml(result.stdout) == pytest.approx(expected.volume_ml, abs=0.05)
+
+
+def test_summary_volume_matches_the_written_label_map(small_run):
+    out, result = small_run
+    label = sitk.ReadImage(str(out / "pancreas.nii.gz"))
+    volume_ml = np.count_nonzero(sitk.GetArrayViewFromImage(label)) * np.prod(label.GetSpacing()) / 1000
+    assert reported_volume_ml(result.stdout) == pytest.approx(volume_ml, abs=0.05)
+
+
+def test_attention_is_float32_in_unit_range_on_the_input_grid(small_run, small_ct):
+    out, _ = small_run
+    attention = sitk.ReadImage(str(out / "attention.nii.gz"))
+    values = sitk.GetArrayViewFromImage(attention)
+    assert attention.GetPixelID() == sitk.sitkFloat32
+    assert same_grid(attention, sitk.ReadImage(str(small_ct)))
+    assert values.min() >= 0 and values.max() <= 1 and values.std() > 0
+
+
+def test_attention_maps_folder_holds_every_map_on_the_input_grid(small_run, small_ct):
+    out, _ = small_run
+    written = {p.name[: -len(".nii.gz")]: sitk.ReadImage(str(p)) for p in (out / "maps").glob("*.nii.gz")}
+    assert set(written) == ATTENTION_NAMES
+    ct = sitk.ReadImage(str(small_ct))
+    assert all(same_grid(image, ct) for image in written.values())
+    combined = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "attention.nii.gz")))
+    assert np.array_equal(sitk.GetArrayViewFromImage(written["combined"]), combined)
+    assert not np.array_equal(sitk.GetArrayViewFromImage(written["level2_gate1"]), combined)
+
+
+def test_progress_lines_go_to_stdout_and_reach_one(small_run):
+    _, result = small_run
+    progress = [line.split(" ", 2) for line in result.stdout.splitlines() if line.startswith("PROGRESS ")]
+    fractions = [float(fraction) for _, fraction, _ in progress]
+    assert len(fractions) >= 3 and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert fractions == sorted(fractions)
+    assert all(text for _, _, text in progress)
+    assert result.stderr == ""  # no bar, no warnings
+
+
+def test_seg_nrrd_output_carries_the_pancreas_segment(small_ct, tiny_model, tmp_path):
+    result = run_cli("segment", small_ct, "-o", tmp_path / "pancreas.seg.nrrd", "--weights", tiny_model, "--fast")
+    assert result.returncode == 0, result.stderr
+    label = sitk.ReadImage(str(tmp_path / "pancreas.seg.nrrd"))
+    assert same_grid(label, sitk.ReadImage(str(small_ct)))
+    assert label.GetMetaData("Segment0_Name") == "Pancreas"
+    assert label.GetMetaData("Segment0_LabelValue") == "1"
+    colour = [round(float(c) * 255) for c in label.GetMetaData("Segment0_Color").split()]
+    assert tuple(colour) == PANCREAS_SEGMENT["color"]
+    assert "100%" in result.stderr  # the progress bar
+    assert result.stdout.strip().splitlines() == [result.stdout.strip()]  # one summary line
+    assert reported_volume_ml(result.stdout) > 0
+
+
+def test_plain_nrrd_output_is_a_label_map(small_ct, tiny_model, tmp_path):
+    result = run_cli("segment", small_ct, "-o", tmp_path / "pancreas.nrrd", "--weights", tiny_model,
+                     "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    label = sitk.ReadImage(str(tmp_path / "pancreas.nrrd"))
+    assert same_grid(label, sitk.ReadImage(str(small_ct)))
+    assert not label.HasMetaDataKey("Segment0_Name")
+    assert result.stderr == ""
+    assert re.fullmatch(r"Pancreas [0-9.]+ mL; [0-9.]+ s on cpu\n", result.stdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pancreas.nrrd"]  # no temporary files left
+
+
+def test_dicom_series_and_its_flipped_twin_agree_in_physical_space(dicom_dir, tiny_model, tmp_path):
+    """The DICOM series and its label file's grid (y flipped, other origin): outputs match through space."""
+    organs = sitk.ReadImage(str(dicom_dir.parent / "organs.nii.gz"))
+    dicom = read_image(dicom_dir)
+    assert not np.allclose(organs.GetDirection(), dicom.GetDirection())  # the case this test is about
+    flipped_ct = tmp_path / "ct_on_label_grid.nii.gz"
+    sitk.WriteImage(sitk.Resample(dicom, organs, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32),
+                    str(flipped_ct))
+    for name, source in (("dicom", dicom_dir), ("flipped", flipped_ct)):
+        result = run_cli("segment", source, "-o", tmp_path / f"{name}_mask.nii.gz",
+                         "--attention", tmp_path / f"{name}_attention.nii.gz", "--weights", tiny_model)
+        assert result.returncode == 0, result.stderr
+
+    mask = sitk.ReadImage(str(tmp_path / "dicom_mask.nii.gz"))
+    twin_mask = sitk.ReadImage(str(tmp_path / "flipped_mask.nii.gz"))
+    assert same_grid(mask, dicom) and same_grid(twin_mask, organs)
+    by_space = sitk.GetArrayFromImage(sitk.Resample(twin_mask, mask, sitk.Transform(), sitk.sitkNearestNeighbor))
+    by_index = sitk.GetArrayViewFromImage(twin_mask)
+    values = sitk.GetArrayViewFromImage(mask)
+    assert np.mean(by_space == values) > 0.999
+    assert np.mean(by_index == values) < 0.95  # matching voxels by index would be wrong
+
+    attention = sitk.ReadImage(str(tmp_path / "dicom_attention.nii.gz"))
+    twin_attention = sitk.Resample(sitk.ReadImage(str(tmp_path / "flipped_attention.nii.gz")), attention)
+    assert np.abs(sitk.GetArrayViewFromImage(twin_attention) - sitk.GetArrayViewFromImage(attention)).max() < 1e-3
+
+
+def test_info_without_a_bundled_model_says_how_to_pass_one(tmp_path):
+    result = run_cli("info", env={"ATTENTION_UNET_SEG_MODELS": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "No trained model is bundled" in result.stdout
+    assert "--weights FILE" in result.stdout
+    assert re.search(r"^Devices: .*--device auto uses (cpu|cuda)", result.stdout, re.MULTILINE)
+
+
+def test_info_prints_the_bundled_model_and_its_card(tiny_model, tmp_path):
+    from AttentionUNetSegLib.weights import BUNDLED_MODEL_NAME, MODEL_CARD_NAME
+
+    shutil.copy(tiny_model, tmp_path / BUNDLED_MODEL_NAME)
+    shutil.copy(f"{tiny_model}.sha256", tmp_path / f"{BUNDLED_MODEL_NAME}.sha256")
+    (tmp_path / MODEL_CARD_NAME).write_text("# Pancreas model card\nTrained on nothing: a test model.\n")
+    result = run_cli("info", env={"ATTENTION_UNET_SEG_MODELS": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "version test" in result.stdout and "4 x 4 x 4 mm voxels" in result.stdout
+    assert "Trained on nothing: a test model." in result.stdout
+
+
+def test_demo_on_the_first_real_case_writes_three_files(data_dir, abdomen_ct, tiny_model, tmp_path):
+    result = run_cli("demo", "--weights", tiny_model, env={"ATTENTION_UNET_SEG_DATA": str(data_dir)}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "output"  # the default output folder, relative to where the user is
+    names = ["ts-abdomen-3mm_attention.nii.gz", "ts-abdomen-3mm_pancreas.seg.nrrd", "ts-abdomen-3mm_preview.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    for name in names:
+        assert str(Path("output") / name) in result.stdout
+    assert f"Segmenting {abdomen_ct}" in result.stdout
+    ct = sitk.ReadImage(str(abdomen_ct))
+    assert same_grid(sitk.ReadImage(str(out / names[1])), ct)
+    assert same_grid(sitk.ReadImage(str(out / names[0])), ct)
+    assert_preview_shows_the_pancreas_colour(out / names[2])
+
+
+def assert_preview_shows_the_pancreas_colour(png: Path) -> None:
+    from matplotlib.image import imread
+
+    pixels = imread(str(png))[..., :3]
+    assert pixels.shape[0] > 400 and pixels.shape[1] > 600
+    colour = np.array(PANCREAS_SEGMENT["color"]) / 255
+    assert np.count_nonzero(np.abs(pixels - colour).max(axis=-1) < 0.03) > 50  # the mask contour
+
+
+def test_demo_without_a_model_says_so_and_writes_nothing(data_dir, tmp_path):
+    result = run_cli("demo", env={"ATTENTION_UNET_SEG_MODELS": str(tmp_path / "no-models"),
+                                  "ATTENTION_UNET_SEG_DATA": str(data_dir)}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no trained model is bundled")
+    assert "--weights FILE" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "output").exists()
+
+
+def test_demo_offline_without_data_says_how_to_pass_a_ct(tiny_model, tmp_path):
+    unreachable_proxy = "http://127.0.0.1:9"  # the discard port: the download fails at once, as offline
+    env = {"ATTENTION_UNET_SEG_DATA": str(tmp_path / "no-data"), "ATTENTION_UNET_SEG_CACHE": str(tmp_path / "cache"),
+           "https_proxy": unreachable_proxy, "HTTPS_PROXY": unreachable_proxy, "no_proxy": "", "NO_PROXY": ""}
+    result = run_cli("demo", "--weights", tiny_model, env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no CT to run the demo on")
+    assert "attention-unet-seg demo PATH" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert list((tmp_path / "cache").iterdir()) == []  # no partial download left
+    assert not (tmp_path / "output").exists()
+
+
+def test_demo_on_a_given_dicom_folder_names_outputs_after_it(dicom_dir, tiny_model, tmp_path):
+    result = run_cli("demo", dicom_dir, "--weights", tiny_model, "--output-dir", tmp_path / "out",
+                     "--label-format", "nii.gz", "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "dicom_attention.nii.gz", "dicom_pancreas.nii.gz", "dicom_preview.png"]
+    assert same_grid(sitk.ReadImage(str(tmp_path / "out" / "dicom_pancreas.nii.gz")), read_image(dicom_dir))
+
+
+def test_sample_download_is_verified_and_cached(tmp_path):
+    served = tmp_path / "served.nrrd"
+    served.write_bytes(b"NRRD0004\n" + os.urandom(4096))
+    digest = hashlib.sha256(served.read_bytes()).hexdigest()
+    cached = tmp_path / "cache" / "sample.nrrd"
+
+    assert demo.fetch_verified(served.as_uri(), digest, cached) == cached
+    assert cached.read_bytes() == served.read_bytes()
+    served.unlink()  # a second call must not need the source
+    assert demo.fetch_verified(served.as_uri(), digest, cached) == cached
+
+
+def test_sample_download_with_the_wrong_checksum_is_refused_and_removed(tmp_path):
+    served = tmp_path / "served.nrrd"
+    served.write_bytes(b"not the sample CT")
+    cached = tmp_path / "cache" / "sample.nrrd"
+    with pytest.raises(UserError, match="failed its SHA-256 check"):
+        demo.fetch_verified(served.as_uri(), "0" * 64, cached)
+    assert list(cached.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("failure", [UserError("disk full"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_failed_write_removes_what_it_wrote_and_keeps_the_users_file(tmp_path, failure):
+    kept = tmp_path / "existing.nii.gz"
+    kept.write_bytes(b"the user's file")
+    image = sitk.Image([4, 4, 4], sitk.sitkUInt8)
+
+    def third_output_fails(path):
+        raise failure
+
+    with pytest.raises(type(failure)):
+        cli.write_outputs({tmp_path / "first.nii.gz": cli.image_writer(image), kept: cli.image_writer(image),
+                           tmp_path / "maps" / "third.nii.gz": third_output_fails})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.nii.gz"]
+    assert kept.read_bytes() == b"the user's file"
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "terminate"])
+def test_interrupted_run_exits_130_and_leaves_nothing(abdomen_ct, tiny_model, tmp_path, signal_number):
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), "segment", str(abdomen_ct), "-o", str(out / "pancreas.nii.gz"), "--attention-maps",
+         str(out / "maps"), "--weights", str(tiny_model), "--progress", "lines"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert child.stdout.readline().startswith("PROGRESS 0.000")  # segmentation has started
+    child.send_signal(signal_number)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130
+    assert stderr.strip() == "error: interrupted; no output was written"
+    assert list(out.iterdir()) == []
