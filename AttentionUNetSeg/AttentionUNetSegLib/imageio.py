@@ -141,7 +141,11 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> N
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
-        sitk.WriteImage(image, tmp, compress)
+        writer = sitk.ImageFileWriter()
+        writer.SetFileName(tmp)
+        writer.SetUseCompression(compress)
+        writer.SetCompressionLevel(1)  # NRRD/MHA: 7x faster than the default for 1% larger files; NIfTI ignores it
+        writer.Execute(image)
         give_default_permissions(tmp)
         os.replace(tmp, path)
     except RuntimeError as exc:

@@ -1,0 +1,154 @@
+"""Benchmark (not a test): end-to-end time and peak memory for a 512x512x200 CT, and network throughput
+against MONAI's AttentionUnet of equal width, measured in the same process on the same tiles.
+
+    .venv/bin/python Testing/benchmark.py [--threads 2] [--weights FILE]
+
+The CT is the real 3 mm abdomen case of ../shared/data resampled onto a 512x512x200 grid (same extent),
+so the work matches a clinical scan of that size. Prints numbers; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "AttentionUNetSeg"))
+SHARED = Path(os.environ.get("ATTENTION_UNET_SEG_SHARED", REPO.parent / "shared"))
+
+
+def make_clinical_size_ct(folder: Path) -> Path:
+    import SimpleITK as sitk
+
+    source = sitk.ReadImage(str(SHARED / "data" / "ts-abdomen-3mm" / "ct.nii.gz"))
+    size = (512, 512, 200)
+    extent = [n * s for n, s in zip(source.GetSize(), source.GetSpacing())]
+    spacing = [e / n for e, n in zip(extent, size)]
+    origin = source.TransformContinuousIndexToPhysicalPoint([-0.5] * 3)
+    origin = [o + s / 2 for o, s in zip(origin, spacing)]  # same outer faces as the source
+    image = sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, origin, spacing,
+                          source.GetDirection(), -1024, sitk.sitkInt16)
+    path = folder / "ct_512x512x200.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def benchmark_model(folder: Path, weights: str | None) -> Path:
+    """The bundled model, else an untrained one of the bundled configuration (timing does not depend on values)."""
+    from AttentionUNetSegLib.network import AttentionUNet3D
+    from AttentionUNetSegLib.training.config import TrainingConfig
+    from AttentionUNetSegLib.weights import ModelSpec, bundled_model_path, save_model
+
+    if weights:
+        return Path(weights)
+    if bundled_model_path().is_file():
+        return bundled_model_path()
+    config = TrainingConfig.load(REPO / "AttentionUNetSeg/Resources/Models/pancreas_attention_unet.train.yaml")
+    spec = ModelSpec(network=config.network, spacing_mm=config.spacing_mm, hu_range=config.hu_range,
+                     roi_size=config.patch_size, version="benchmark")
+    path = folder / "untrained.safetensors"
+    save_model(AttentionUNet3D(spec.network), spec, path)
+    return path
+
+
+def end_to_end(ct: Path, model: Path, threads: int, device: str, folder: Path) -> dict:
+    """The CLI in a fresh process, as a user runs it: read, segment, write segmentation and heatmap."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    command = [sys.executable, "-m", "AttentionUNetSegLib.cli", "segment", str(ct), "-o", str(folder / "seg.seg.nrrd"),
+               "--attention", str(folder / "attention.nrrd"), "--weights", str(model), "--device", device,
+               "--progress", "none"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO / "AttentionUNetSeg")
+    seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if done.returncode:
+        raise SystemExit(f"segment failed: {done.stderr.strip()}")
+    return {"seconds": round(seconds, 2), "peak_rss_gib": round(max(peak_kib, before) / 2**20, 2),
+            "summary": done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""}
+
+
+def in_process_stages(ct: Path, model: Path, threads: int, device: str) -> dict:
+    import torch
+
+    from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter
+    from AttentionUNetSegLib.imageio import read_image
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    image = read_image(ct)
+    read = time.perf_counter() - start
+    result = Segmenter(model, SegmentationOptions(device=device, threads=threads)).segment(image)
+    return {"read": round(read, 2), **{k: round(v, 2) for k, v in result.timings.items()}}
+
+
+def throughput(threads: int, tile: int, tiles: int, device: str) -> dict:
+    """Voxels per second of our network and MONAI's AttentionUnet (same widths, same tiles, same process)."""
+    import torch
+    from monai.networks.nets import AttentionUnet
+
+    from AttentionUNetSegLib.engine import autocast_dtype
+    from AttentionUNetSegLib.network import AttentionUNet3D
+    from AttentionUNetSegLib.training.config import TrainingConfig
+
+    torch.set_num_threads(threads)
+    config = TrainingConfig.load(REPO / "AttentionUNetSeg/Resources/Models/pancreas_attention_unet.train.yaml")
+    ours = AttentionUNet3D(config.network).eval()
+    peer = AttentionUnet(3, 1, 2, channels=config.network.filters, strides=(2, 2, 2, 2)).eval()
+    data = torch.rand(tiles, 1, tile, tile, tile, device=device)
+    fast = autocast_dtype(torch.device(device))
+    results = {}
+    for mode, channels_last, dtype in (("fp32", False, None), ("engine mode", True, fast)):
+        for name, network in (("ours", ours), ("monai", peer)):
+            model = network.to(device).to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+            x = data.to(memory_format=torch.channels_last_3d) if channels_last else data
+            with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                model(x[:1])  # warm-up
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for i in range(tiles):
+                    model(x[i:i + 1])
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
+            results[f"{name} {mode} Mvoxel/s"] = round(tiles * tile**3 / seconds / 1e6, 2)
+        results[f"ratio ours/monai {mode}"] = round(
+            results[f"ours {mode} Mvoxel/s"] / results[f"monai {mode} Mvoxel/s"], 2)
+    results["engine mode"] = f"channels-last, autocast {fast}" if fast else "channels-last, fp32"
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tile", type=int, default=96)
+    parser.add_argument("--tiles", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        ct = make_clinical_size_ct(folder)
+        model = benchmark_model(folder, args.weights)
+        report = {
+            "input": "512x512x200 CT (real abdomen resampled)",
+            "model": str(model.name),
+            "threads": args.threads,
+            "device": args.device,
+            "end_to_end_cli": end_to_end(ct, model, args.threads, args.device, folder),
+            "stages_in_process_s": in_process_stages(ct, model, args.threads, args.device),
+            f"network_throughput_{args.tile}^3": throughput(args.threads, args.tile, args.tiles, args.device),
+        }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
