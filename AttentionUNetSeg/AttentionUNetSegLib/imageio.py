@@ -54,7 +54,12 @@ def _file_reader(path: Path) -> tuple[sitk.ImageFileReader, tuple[int, ...], int
 
 
 def _dicom_reader(folder: Path) -> tuple[sitk.ImageSeriesReader, tuple[int, ...], int]:
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM's multi-line warning; the error below says it once
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not series:
         raise UserError(f"no DICOM series in folder {folder}", "", "pass a folder of DICOM slices or an image file")
     files_per_series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series]
