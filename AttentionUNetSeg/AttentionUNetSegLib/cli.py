@@ -126,7 +126,7 @@ def run_segment(args: argparse.Namespace) -> int:
     label_path = imageio.check_output_path(args.output, LABEL_SUFFIXES)
     attention_path = imageio.check_output_path(args.attention, ATTENTION_SUFFIXES) if args.attention else None
     maps_dir = check_output_folder(args.attention_maps) if args.attention_maps else None
-    _refuse_overwriting_input(args.input, [label_path, attention_path])
+    _refuse_clashes(args.input, [p for p in (label_path, attention_path) if p])
 
     image = read_ct(args.input)
     segmenter = load_segmenter(args)
@@ -243,10 +243,13 @@ def check_output_folder(folder: Path) -> Path:
     return folder
 
 
-def _refuse_overwriting_input(input_path: Path, outputs: list[Path | None]) -> None:
-    for output in outputs:
-        if output is not None and output.resolve() == input_path.resolve():
-            raise UserError(f"output {output} is the input", "it would be overwritten", "choose another output")
+def _refuse_clashes(input_path: Path, outputs: list[Path]) -> None:
+    resolved = [output.resolve() for output in outputs]
+    if input_path.resolve() in resolved:
+        raise UserError(f"output {outputs[resolved.index(input_path.resolve())]} is the input",
+                        "it would be overwritten", "choose another output")
+    if len(set(resolved)) != len(resolved):
+        raise UserError("two outputs name the same file", "", "give each output its own name")
 
 
 def label_writer(mask: sitk.Image, path: Path) -> Writer:
