@@ -121,6 +121,17 @@ def with_header(ct: sitk.Image, direction: np.ndarray) -> sitk.Image:
     return image
 
 
+def oriented_labelmap(mask: sitk.Image):
+    """A mask as Slicer's segment labelmap (voxels placed by their IJK-to-RAS)."""
+    node = mrml_bridge.image_to_volume_node(mask, slicer.vtkMRMLScene(), "labels")
+    labelmap = slicer.vtkOrientedImageData()
+    labelmap.ShallowCopy(node.GetImageData())
+    matrix = vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    labelmap.SetImageToWorldMatrix(matrix)
+    return labelmap
+
+
 def scene_state(scene) -> list[tuple[str, int]]:
     """Every node with its modification time: equal states mean nothing was added, removed or changed."""
     nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
@@ -344,9 +355,11 @@ def test_user_chosen_segmentation_keeps_its_other_segments(small_ct, pancreas_la
     chosen = slicer.vtkMRMLSegmentationNode()
     scene.AddNode(chosen)
     chosen.CreateDefaultDisplayNodes()
+    organs = sitk.ReadImage(str(small_ct.parent / "organs.nii.gz"))  # TotalSegmentator v2: 5 = liver
     liver = slicer.vtkSegment()
     liver.SetName("Liver")
-    chosen.GetSegmentation().AddSegment(liver, "Liver")
+    liver.AddRepresentation("Binary labelmap", oriented_labelmap(organs == 5))
+    assert chosen.GetSegmentation().AddSegment(liver, "Liver")
 
     for _ in range(2):
         outputs = mrml_bridge.import_result(scene, ct_node, pancreas_label, {}, segmentation_node=chosen)
@@ -355,6 +368,10 @@ def test_user_chosen_segmentation_keeps_its_other_segments(small_ct, pancreas_la
     segmentation = chosen.GetSegmentation()
     names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
     assert names == ["Liver", "Pancreas"]
+    surface = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("Pancreas")).GetRepresentation(
+        "Closed surface"
+    )
+    assert surface is not None and surface.GetNumberOfPoints() > 100
     assert len(nodes_of_class(scene, "vtkMRMLSegmentationNode")) == 1
 
 

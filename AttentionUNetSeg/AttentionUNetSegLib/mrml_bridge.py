@@ -281,7 +281,8 @@ def _surface_name() -> str:
 
 
 def _ensure_surface_conversion() -> None:
-    """Slicer registers the labelmap-to-surface rule when its Segmentations module starts; slicer-core does not."""
+    """Slicer registers the labelmap-to-surface rule when its Segmentations module starts; slicer-core does not.
+    A segmentation copies the rules when it is made, so this runs when the bridge is imported."""
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
     rules = factory.GetConverterRules()
     if not any(
@@ -293,7 +294,6 @@ def _ensure_surface_conversion() -> None:
 
 def _new_segmentation_node(name: str, segment) -> slicer.vtkMRMLSegmentationNode:
     """A segmentation node outside any scene, holding ``segment`` with its 3D surface already made."""
-    _ensure_surface_conversion()
     node = slicer.vtkMRMLSegmentationNode()
     node.SetName(name)
     segmentation = node.GetSegmentation()
@@ -305,7 +305,6 @@ def _new_segmentation_node(name: str, segment) -> slicer.vtkMRMLSegmentationNode
 
 def _replace_pancreas(node, segment) -> None:
     """Replace the voxels of the node's "Pancreas" segment (keeping its display settings), or add the segment."""
-    _ensure_surface_conversion()
     segmentation = node.GetSegmentation()
     segment_id = segmentation.GetSegmentIdBySegmentName(segment.GetName())
     if segment_id:
@@ -362,3 +361,6 @@ def _write_attention_node(scene, node, display, name: str, image_data, ijk_to_ra
     if display is not None:
         scene.AddNode(display)
         node.SetAndObserveDisplayNodeID(display.GetID())
+
+
+_ensure_surface_conversion()
