@@ -35,6 +35,7 @@ PROGRESS_MODES = ("bar", "lines", "none")
 COMMAND_MODULES = {
     "demo": ".demo",
     "train": ".training.command",
+    "serve": ".webapp.command",
 }
 
 Writer = Callable[[Path], None]
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The full parser; of the module subcommands only ``command`` is imported (the others stay lazy)."""
+    """The full parser. Of the module subcommands only ``command`` is imported, or all for the overview."""
     parser = argparse.ArgumentParser(
         prog="attention-unet-seg",
         description="Pancreas segmentation in abdominal CT with a 3D Attention U-Net, with attention maps.",
@@ -75,12 +76,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_segment(commands)
     _add_info(commands)
     for name, module_name in COMMAND_MODULES.items():
-        if name != command:
-            commands.add_parser(name, help=f"see 'attention-unet-seg {name} --help'")
+        if command not in (None, name):
+            commands.add_parser(name)
             continue
         module = importlib.import_module(module_name, __package__)
-        sub = commands.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0],
-                                  description=module.__doc__)
+        summary = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
+        sub = commands.add_parser(name, help=summary, description=module.__doc__)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
