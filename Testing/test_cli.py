@@ -117,9 +117,26 @@ def test_seg_nrrd_output_carries_the_pancreas_segment(small_ct, tiny_model, tmp_
     assert label.GetMetaData("Segment0_LabelValue") == "1"
     colour = [round(float(c) * 255) for c in label.GetMetaData("Segment0_Color").split()]
     assert tuple(colour) == PANCREAS_SEGMENT["color"]
+    assert_slicer_reads_one_pancreas_segment(tmp_path / "pancreas.seg.nrrd")
     assert "100%" in result.stderr  # the progress bar
     assert result.stdout.strip().splitlines() == [result.stdout.strip()]  # one summary line
     assert reported_volume_ml(result.stdout) > 0
+
+
+def assert_slicer_reads_one_pancreas_segment(path: Path) -> None:
+    """Slicer's own segmentation reader (slicer-core), as File > Add Data would load the file."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node) == 1
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    segment = segmentation.GetNthSegment(0)
+    assert segment.GetName() == "Pancreas"
+    assert tuple(round(c * 255) for c in segment.GetColor()) == PANCREAS_SEGMENT["color"]
 
 
 def test_plain_nrrd_output_is_a_label_map(small_ct, tiny_model, tmp_path):
@@ -287,3 +304,38 @@ def test_interrupted_run_exits_130_and_leaves_nothing(abdomen_ct, tiny_model, tm
     assert child.returncode == 130
     assert stderr.strip() == "error: interrupted; no output was written"
     assert list(out.iterdir()) == []
+
+
+def test_preview_slices_cross_inside_a_curved_pancreas(data_dir, tmp_path):
+    """The real pancreas label: all three views show it (its centroid alone lies outside it)."""
+    from AttentionUNetSegLib.preview import render_overlays
+    from matplotlib.image import imread
+
+    case = data_dir / "ts-abdomen-3mm"
+    ct = sitk.ReadImage(str(case / "ct.nii.gz"), sitk.sitkFloat32)
+    pancreas = sitk.ReadImage(str(case / "pancreas.nii.gz"))
+    attention = sitk.Cast(sitk.SmoothingRecursiveGaussian(sitk.Cast(pancreas, sitk.sitkFloat32), 6.0), sitk.sitkFloat32)
+    png = render_overlays(ct, pancreas, attention, tmp_path / "preview.png", title="label")
+    pixels = imread(str(png))[..., :3]
+    top_row = pixels[: pixels.shape[0] // 2]
+    is_pancreas = np.abs(top_row - np.array(PANCREAS_SEGMENT["color"]) / 255).max(axis=-1) < 0.03
+    panel_width = int(pixels.shape[1] * 0.9) // 3  # the colour bar takes the right edge
+    assert all(is_pancreas[:, i * panel_width : (i + 1) * panel_width].sum() > 10 for i in range(3))
+
+
+def test_preview_of_an_empty_mask_centres_on_the_attention_peak(small_ct, tmp_path):
+    from AttentionUNetSegLib.preview import render_overlays
+    from matplotlib.image import imread
+
+    ct = sitk.ReadImage(str(small_ct), sitk.sitkFloat32)
+    empty = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(ct)
+    attention = sitk.Image(ct.GetSize(), sitk.sitkFloat32)
+    attention.CopyInformation(ct)
+    attention[60, 50, 15] = 1.0  # one hot voxel: seen only by slices through it
+    pixels = imread(str(render_overlays(ct, empty, attention, tmp_path / "preview.png")))[..., :3]
+    bottom_row = pixels[pixels.shape[0] // 2 :]
+    coloured = np.ptp(bottom_row, axis=-1) > 0.2  # the CT is grey; only the heatmap has colour
+    panel_width = int(pixels.shape[1] * 0.9) // 3
+    assert all(coloured[:, i * panel_width : (i + 1) * panel_width].any() for i in range(3))
+    assert not np.ptp(pixels[: pixels.shape[0] // 2, : 3 * panel_width], axis=-1).max() > 0.2  # no mask drawn

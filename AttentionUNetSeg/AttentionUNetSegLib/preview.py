@@ -23,6 +23,8 @@ ABDOMEN_WINDOW_HU = (-160.0, 240.0)  # level 40, width 400
 MAX_PIXELS_PER_SIDE = 512
 AIR_HU = -1024.0
 ATTENTION_SHOWN_FROM = 0.05  # lower coefficients are left transparent
+ATTENTION_OPACITY = 0.55
+HEAT_COLOURS = "jet"
 VIEWS = (("Axial", 2), ("Coronal", 1), ("Sagittal", 0))  # name, the LPS axis the slice is normal to
 
 
@@ -30,9 +32,11 @@ def render_overlays(ct: sitk.Image, mask: sitk.Image, attention: sitk.Image, pat
                     title: str = "") -> Path:
     """Write a 2x3 PNG: segmentation (fill + contour) above, attention heatmap (+ contour) below.
 
-    The slices cross at the centre of the mask, or at the attention maximum when the mask is empty.
+    The slices cross at the mask voxel nearest its centroid, or at the attention peak when the mask is empty.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
     colour = np.array(PANCREAS_SEGMENT["color"]) / 255.0
@@ -55,17 +59,26 @@ def render_overlays(ct: sitk.Image, mask: sitk.Image, attention: sitk.Image, pat
         fill[mask_pixels > 0] = (*colour, 0.35)
         top.imshow(fill, interpolation="nearest")
         top.set_title(name, color="white")
-        heat = bottom.imshow(np.ma.masked_less(attention_pixels, ATTENTION_SHOWN_FROM), cmap="jet", vmin=0.0,
-                             vmax=1.0, alpha=0.55, interpolation="bilinear")
+        bottom.imshow(_heat_colours(attention_pixels), interpolation="bilinear")
         for ax in (top, bottom):
             if mask_pixels.any():
                 ax.contour(mask_pixels, levels=[0.5], colors=[colour], linewidths=1.2)
-    colourbar = figure.colorbar(heat, ax=axes.ravel().tolist(), shrink=0.45, label="attention coefficient")
+    scale = ScalarMappable(Normalize(0.0, 1.0), HEAT_COLOURS)
+    colourbar = figure.colorbar(scale, ax=axes.ravel().tolist(), shrink=0.45, label="attention coefficient")
     colourbar.ax.yaxis.label.set_color("white")
     colourbar.ax.tick_params(colors="white")
     if title:
         figure.suptitle(title, color="white")
     return _save(figure, Path(path))
+
+
+def _heat_colours(attention: np.ndarray) -> np.ndarray:
+    """RGBA: the colour map, see-through below ATTENTION_SHOWN_FROM (kept when upsampled, unlike a mask)."""
+    from matplotlib import colormaps
+
+    rgba = colormaps[HEAT_COLOURS](np.clip(attention, 0.0, 1.0))
+    rgba[..., 3] = np.where(attention >= ATTENTION_SHOWN_FROM, ATTENTION_OPACITY, 0.0)
+    return rgba
 
 
 @dataclass(frozen=True)
