@@ -35,6 +35,7 @@ PROGRESS_MODES = ("bar", "lines", "none")
 COMMAND_MODULES = {
     "demo": ".demo",
     "train": ".training.command",
+    "evaluate": ".evaluation",
     "serve": ".webapp.command",
 }
 

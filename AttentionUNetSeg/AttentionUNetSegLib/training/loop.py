@@ -200,6 +200,8 @@ def _spec(config: TrainingConfig, steps: int, scores: dict) -> ModelSpec:
         training={
             "steps": steps,
             "sources": [{"kind": s.kind, "weight": s.weight, "path": s.path or "pairs"} for s in config.sources],
+            # Case folder names of the real CT trained on, so evaluations can say which cases were seen.
+            "real_cases": sorted({Path(image).parent.name for s in config.sources for image, _ in s.pairs}),
             "validation_dice": scores,
             "patch_size": list(config.patch_size),
         },
