@@ -211,6 +211,7 @@ class SegmentationRun:
         image = mrml_bridge.volume_node_to_image(self.volume_node)  # a clear UserError for an empty node
         self._work_dir = Path(tempfile.mkdtemp(prefix="AttentionUNetSeg-", dir=self.work_root))
         try:
+            self._input_path.parent.mkdir()
             imageio.write_image(image, self._input_path, compress=False)
             command = segment_command(self.python, self._input_path, self._output_path, self._maps_dir,
                                       self.device, self.quality, self.weights)
@@ -265,7 +266,9 @@ class SegmentationRun:
 
     @property
     def _input_path(self) -> Path:
-        return self._work_dir / "input.nrrd"
+        """Named after the node, so that the child's messages name the volume the user knows."""
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", self.volume_node.GetName() or "").strip("._") or "input"
+        return self._work_dir / "input" / f"{name}.nrrd"
 
     @property
     def _output_path(self) -> Path:
