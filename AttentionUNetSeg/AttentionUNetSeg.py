@@ -156,6 +156,9 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onParameterChanged(self, caller=None, event=None):
         """Display settings apply to the last result at once; they never re-run the network."""
         parameters = self._parameterNode
+        if outputOfAnotherInput(parameters.outputSegmentation, parameters.inputVolume):
+            parameters.outputSegmentation = None  # never write into the segmentation of another CT unasked
+            return  # that change calls this again
         self.updateApplyButton()
         self.ui.attentionMapComboBox.enabled = parameters.showAttention
         self.ui.attentionOpacitySlider.enabled = parameters.showAttention
@@ -332,11 +335,12 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
         from AttentionUNetSegLib import mrml_bridge
 
         nodes = self.lastResult.outputs.attention_nodes
-        for name, node in nodes.items():
-            if name != mapName:
+        shown = nodes.get(mapName, nodes["combined"])  # a model with fewer gate levels has fewer maps
+        for node in nodes.values():
+            if node is not shown:
                 mrml_bridge.show_attention(slicer.mrmlScene, node, visible=False)
-        runner.set_attention_colour_map(slicer.mrmlScene, nodes[mapName], colorMap)
-        mrml_bridge.show_attention(slicer.mrmlScene, nodes[mapName], opacity, visible)
+        runner.set_attention_colour_map(slicer.mrmlScene, shown, colorMap)
+        mrml_bridge.show_attention(slicer.mrmlScene, shown, opacity, visible)
 
     def showSurface(self, visible):
         """Show the pancreas of the last result as a 3D surface (or hide it)."""
@@ -376,6 +380,9 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
             return
         self._timer.stop()
         run, self._run = self._run, None
+        if self._progressCallback:
+            self._progressCallback(1.0, "Importing the result into the scene")
+            slicer.app.processEvents()
         try:
             result = self._finished(run.finish())
         except Exception as exc:  # noqa: BLE001 -- every failure goes to the caller's completion callback
@@ -440,6 +447,16 @@ def firstCT():
         if not node.GetAttribute(OUTPUT_ATTRIBUTE):
             return node
     return None
+
+
+def outputOfAnotherInput(segmentationNode, volumeNode):
+    """Whether a segmentation this module made belongs to another CT than ``volumeNode``."""
+    from AttentionUNetSegLib.mrml_bridge import INPUT_ROLE
+
+    if segmentationNode is None:
+        return False
+    madeFor = segmentationNode.GetNodeReferenceID(INPUT_ROLE)
+    return madeFor is not None and (volumeNode is None or madeFor != volumeNode.GetID())
 
 
 def pythonExecutable():

@@ -306,7 +306,9 @@ class SegmentationRun:
         from . import mrml_bridge
 
         mask = sitk.ReadImage(str(self._output_path))
-        maps = {name: sitk.ReadImage(str(self._maps_dir / f"{name}.nii.gz")) for name in ATTENTION_MAP_CHOICES}
+        # A model with fewer gate levels writes fewer maps; "combined" is always there.
+        files = {name: self._maps_dir / f"{name}.nii.gz" for name in ATTENTION_MAP_CHOICES}
+        maps = {name: sitk.ReadImage(str(path)) for name, path in files.items() if path.is_file()}
         outputs = mrml_bridge.import_result(self.scene, self.volume_node, mask, maps, self.segmentation_node)
         device = self.summary.group("device") if self.summary else self.device
         return RunResult(outputs, _volume_ml(mask), time.perf_counter() - self._started, device)
