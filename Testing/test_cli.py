@@ -210,16 +210,18 @@ def test_demo_on_the_first_real_case_writes_three_files(data_dir, abdomen_ct, ti
     ct = sitk.ReadImage(str(abdomen_ct))
     assert same_grid(sitk.ReadImage(str(out / names[1])), ct)
     assert same_grid(sitk.ReadImage(str(out / names[0])), ct)
-    assert_preview_shows_the_pancreas_colour(out / names[2])
+    assert_preview_shows_the_mask(out / names[2])
 
 
-def assert_preview_shows_the_pancreas_colour(png: Path) -> None:
+def assert_preview_shows_the_mask(png: Path) -> None:
+    """The untrained test model marks nearly everything: the segmentation row is tinted in the segment colour."""
     from matplotlib.image import imread
 
     pixels = imread(str(png))[..., :3]
     assert pixels.shape[0] > 400 and pixels.shape[1] > 600
-    colour = np.array(PANCREAS_SEGMENT["color"]) / 255
-    assert np.count_nonzero(np.abs(pixels - colour).max(axis=-1) < 0.03) > 50  # the mask contour
+    top_row = pixels[: pixels.shape[0] // 2]
+    warm = top_row[..., 0] - top_row[..., 2] > 0.15  # grey CT has red == blue; (249, 180, 111) does not
+    assert np.count_nonzero(warm) > 0.2 * warm.size
 
 
 def test_demo_without_a_model_says_so_and_writes_nothing(data_dir, tmp_path):
