@@ -1,0 +1,156 @@
+"""SynthSeg-style synthetic CT: (CT-like image in HU, pancreas label) pairs from real label maps.
+
+One sample: pick a whole-abdomen label map (the host) and, half of the time, another patient's pancreas
+to swap in; reshape the pancreas and jitter the organs; warp the map (rotation, scaling, elastic) onto a
+random field of view around the pancreas; fill everything unlabelled with a synthetic body; paint
+intensities for a random contrast phase; simulate the scanner. Label maps are read once, resampled to
+the working spacing and kept in memory, so sampling is pure numpy/scipy on the host's grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UserError
+from .anatomy import add_body
+from .catalog import LabelMapEntry
+from .intensities import Appearance, draw_appearance, render
+from .shapes import PANCREAS, bounding_box, jitter_organs, load_tissue_map, swap_in_pancreas, vary_pancreas, warp
+from .vocabulary import TISSUE
+
+# Donor glands outside these limits are mostly cystic tumours (README: a 868 mL case) or odd outliers
+# (one 189 mm tall "pancreas"); they stay out of the swap.
+MAX_DONOR_ML = 250.0
+MAX_DONOR_HEIGHT_MM = 130.0
+
+
+@dataclass
+class SyntheticCase:
+    image: np.ndarray  # float32 HU, (z, y, x)
+    pancreas: np.ndarray  # uint8 0/1, (z, y, x)
+    tissues: np.ndarray  # uint8 tissue ids of the vocabulary, (z, y, x)
+    spacing_mm: tuple[float, float, float]  # (x, y, z), identity direction
+    host: LabelMapEntry
+    pancreas_source: LabelMapEntry
+    look: Appearance
+
+
+class SyntheticCTGenerator:
+    """Draws synthetic CT cases from label map entries (see ``catalog.labelmap_catalog``).
+
+    ``sample(rng)`` -> (image float32 HU, pancreas uint8), both (z, y, x) on an identity-direction grid at
+    ``spacing_mm`` (x, y, z). Same entries, spacing and rng state -> the same case.
+    """
+
+    def __init__(
+        self,
+        entries: list[LabelMapEntry],
+        spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0),
+        seed: int = 0,
+        swap_probability: float = 0.5,
+        fatty_pancreas_probability: float = 0.2,
+    ):
+        self.entries = list(entries)
+        self.hosts = [e for e in self.entries if not e.pancreas_only]
+        if not self.hosts:
+            raise UserError(
+                "no whole-abdomen label map among the entries",
+                "synthetic CT needs organs around the pancreas; pancreas-only maps only lend their shape",
+                "include multi-organ label maps (e.g. WORD, BTCV)",
+            )
+        self.spacing_mm = tuple(float(s) for s in spacing_mm)
+        self.vox = np.array(self.spacing_mm[::-1])  # (z, y, x)
+        self.swap_probability = swap_probability
+        self.fatty_pancreas_probability = fatty_pancreas_probability
+        self.rng = np.random.default_rng(seed)
+        self._maps: dict[str, np.ndarray] = {}
+        self._donors: dict[str, np.ndarray | None] = {}
+
+    def sample(self, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        case = self.sample_case(rng)
+        return case.image, case.pancreas
+
+    def sample_case(self, rng: np.random.Generator | None = None) -> SyntheticCase:
+        rng = self.rng if rng is None else rng
+        for _ in range(10):
+            case = self._try_sample(rng)
+            if case is not None:
+                return case
+        raise RuntimeError("ten synthetic cases in a row lost their pancreas")  # a bug, not bad input
+
+    def tissue_map(self, entry: LabelMapEntry) -> np.ndarray:
+        """The entry's tissue map at the working spacing (read once, then kept)."""
+        key = str(entry.path)
+        if key not in self._maps:
+            self._maps[key] = load_tissue_map(entry, self.spacing_mm)
+        return self._maps[key]
+
+    def donor_pancreas(self, entry: LabelMapEntry) -> np.ndarray | None:
+        """The entry's pancreas mask cropped to itself, or None when it is too large to be a gland."""
+        key = str(entry.path)
+        if key not in self._donors:
+            gland = self.tissue_map(entry) == PANCREAS
+            box = bounding_box(gland)
+            volume_ml = gland.sum() * np.prod(self.vox) / 1000
+            height_mm = (box[0].stop - box[0].start) * self.vox[0] if box is not None else np.inf
+            plausible = volume_ml <= MAX_DONOR_ML and height_mm <= MAX_DONOR_HEIGHT_MM
+            self._donors[key] = gland[box].copy() if plausible else None
+            if entry.pancreas_only:
+                del self._maps[key]  # only the shape is ever needed
+        return self._donors[key]
+
+    def _try_sample(self, rng: np.random.Generator) -> SyntheticCase | None:
+        host = self.hosts[rng.integers(len(self.hosts))]
+        tissues = self.tissue_map(host).copy()
+        source = host
+        if rng.random() < self.swap_probability:
+            donor = self.entries[rng.integers(len(self.entries))]
+            shape = self.donor_pancreas(donor) if donor is not host else None
+            if shape is not None and swap_in_pancreas(tissues, shape, rng, self.vox):
+                source = donor
+        if rng.random() < 0.8:
+            vary_pancreas(tissues, rng, self.vox)
+        jitter_organs(tissues, rng)
+        out_shape, centre = self._field_of_view(tissues, rng)
+        tissues = warp(tissues, out_shape, centre, rng, self.vox, elastic_mm=rng.uniform(0, 4))
+        pancreas = tissues == PANCREAS
+        if not pancreas.any():
+            return None
+        add_body(tissues, rng, self.vox)
+        look = draw_appearance(rng, self.fatty_pancreas_probability)
+        image = render(tissues, look, rng, self.vox)
+        return SyntheticCase(image, pancreas.astype(np.uint8), tissues, self.spacing_mm, host, source, look)
+
+    def _field_of_view(self, tissues: np.ndarray, rng: np.random.Generator) -> tuple[tuple[int, int, int], np.ndarray]:
+        """A random box (shape, centre in source voxels) that holds the pancreas with some abdomen around.
+
+        It stays between a little above the liver dome and a little below the kidneys, inside the map.
+        """
+        vox = self.vox
+        gland = np.argwhere(tissues == PANCREAS)
+        low, high = gland.min(axis=0), gland.max(axis=0)
+        organs = bounding_box(tissues > 0)
+        top, bottom = organs[0].stop - 1, organs[0].start
+        liver = np.nonzero((tissues == TISSUE["liver"]).any(axis=(1, 2)))[0]
+        if len(liver):
+            top = min(top, liver[-1] + rng.uniform(0, 40) / vox[0])
+        kidneys = np.nonzero(np.isin(tissues, [TISSUE["kidney_left"], TISSUE["kidney_right"]]).any(axis=(1, 2)))[0]
+        bottom = max(bottom, (kidneys[0] if len(kidneys) else low[0]) - rng.uniform(20, 80) / vox[0])
+        margin = 10 / vox[0]
+        length = rng.uniform(120, 300) / vox[0]
+        length = max(min(length, top - bottom), high[0] - low[0] + 2 * margin)
+        start_low = max(bottom, high[0] + margin - length)
+        start_high = min(low[0] - margin, top - length)
+        start = rng.uniform(start_low, start_high) if start_low < start_high else (low[0] + high[0] - length) / 2
+        centre_z = start + length / 2
+
+        field_mm = rng.uniform(300, 460) * np.array([rng.uniform(0.85, 1.0), 1.0])
+        body_centre = np.array([(s.start + s.stop) / 2 for s in organs[1:]]) + np.array([10 / vox[1], 0])
+        half = field_mm / 2 / vox[1:]
+        gland_low, gland_high = low[1:] - margin, high[1:] + margin
+        centre_yx = body_centre + rng.normal(0, 25, 2) / vox[1:]
+        centre_yx = np.clip(centre_yx, gland_high - half, gland_low + half)  # the gland stays in view
+        shape = (round(length), *[round(2 * h) for h in half])
+        return shape, np.array([centre_z, *centre_yx])

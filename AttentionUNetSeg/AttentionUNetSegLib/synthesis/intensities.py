@@ -1,0 +1,192 @@
+"""CT intensities: per-tissue HU for a contrast phase with per-case jitter, texture, then the scanner.
+
+Ranges are typical published values for abdominal CT, checked against the real cases in ../shared/data
+(non-contrast: liver 44, spleen 32, aorta 42, fatty pancreas -7 HU; portal-venous: liver 89, spleen 80,
+aorta 177, portal vein 130 HU) at 1-3 mm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .noise import fine_noise, smooth_noise
+from .vocabulary import TISSUE
+
+PHASES = ("non-contrast", "arterial", "portal-venous", "delayed")
+_WALL = ((30, 45), (60, 100), (70, 110), (60, 90))
+_MUSCLE = ((20, 55), (30, 60), (35, 65), (35, 65))
+_FAT = ((-120, -85),) * 4
+# Tissue -> (low, high) HU of its mean, per phase in the order of PHASES.
+PHASE_HU = {
+    "liver": ((45, 70), (60, 85), (90, 130), (70, 95)),
+    "spleen": ((35, 55), (85, 140), (95, 135), (75, 100)),
+    "kidney_right": ((25, 40), (120, 200), (140, 200), (110, 160)),
+    "kidney_left": ((25, 40), (120, 200), (140, 200), (110, 160)),
+    "kidney_cyst": ((0, 20),) * 4,
+    "gallbladder": ((0, 25),) * 4,
+    "stomach": _WALL,
+    "pancreas": ((30, 50), (85, 130), (80, 125), (60, 85)),
+    "duodenum": _WALL,
+    "small_bowel": _WALL,
+    "colon": _WALL,
+    "rectum": _WALL,
+    "esophagus": ((35, 50), (50, 80), (60, 90), (55, 80)),
+    "adrenal": ((20, 40), (50, 80), (55, 85), (45, 70)),
+    "aorta": ((35, 50), (250, 450), (140, 210), (100, 140)),
+    "inferior_vena_cava": ((35, 50), (70, 130), (120, 180), (100, 140)),
+    "portal_vein": ((35, 50), (80, 150), (150, 220), (110, 150)),
+    "artery": ((35, 50), (250, 450), (140, 210), (100, 140)),
+    "vein": ((35, 50), (70, 130), (120, 180), (100, 140)),
+    "heart": ((35, 50), (200, 400), (120, 180), (100, 130)),
+    "lung": ((-880, -750),) * 4,
+    "airway": ((-1000, -950),) * 4,
+    "urinary_bladder": ((0, 20), (0, 20), (5, 25), (5, 60)),
+    "prostate_uterus": ((35, 55), (60, 110), (70, 110), (60, 90)),
+    "thyroid": ((80, 110), (120, 200), (110, 170), (90, 130)),
+    "vertebra": ((150, 300),) * 4,
+    "rib": ((150, 350),) * 4,
+    "bone": ((250, 500),) * 4,
+    "spinal_cord": ((15, 35),) * 4,
+    "muscle": _MUSCLE,
+    "brain": ((25, 40),) * 4,
+    "face": ((-20, 40),) * 4,
+    "visceral_fat": ((-115, -75),) * 4,
+    "subcutaneous_fat": _FAT,
+    "wall_muscle": _MUSCLE,
+    "bone_cortex": ((220, 450),) * 4,
+    "bone_marrow": ((120, 260),) * 4,
+    "disc": ((60, 110),) * 4,
+    "csf": ((0, 25),) * 4,
+    "bowel_wall": _WALL,
+    "bowel_fluid": ((-5, 25),) * 4,
+    "bowel_gas": ((-1000, -900),) * 4,
+    "feces": ((-150, 50),) * 4,
+    "soft_nodule": ((20, 60), (40, 100), (50, 110), (40, 90)),
+    "distractor": ((-60, 160),) * 4,
+    "air": ((-1010, -990),) * 4,
+    "table": ((-200, 300),) * 4,
+    "table_foam": ((-950, -600),) * 4,
+}
+# Texture: standard deviation (HU) of each tissue's fine-grained inhomogeneity.
+TEXTURE_HU = {
+    "liver": 6, "spleen": 7, "kidney_right": 10, "kidney_left": 10, "pancreas": 9, "lung": 40, "vertebra": 70,
+    "rib": 60, "bone": 120, "bone_cortex": 120, "bone_marrow": 40, "feces": 90, "bowel_fluid": 6,
+    "bowel_gas": 20, "visceral_fat": 10, "subcutaneous_fat": 8, "muscle": 8, "wall_muscle": 8,
+    "table": 80, "table_foam": 60, "distractor": 20, "air": 5,
+}
+DEFAULT_TEXTURE_HU = 6
+FAT_HU = -95.0
+ORAL_CONTRAST_HU = (150, 450)
+
+
+@dataclass
+class Appearance:
+    """The per-case draw: phase, mean HU of each tissue, texture, and the scanner settings."""
+
+    phase: str
+    mean_hu: np.ndarray  # (256,) float32, by tissue id
+    texture_hu: np.ndarray  # (256,) float32
+    pancreas_hu: float
+    pancreas_fat_fraction: float
+    oral_contrast: bool
+    blur_mm: tuple[float, float, float]  # Gaussian sigma (z, y, x)
+    slice_thickness_mm: float
+    noise_hu: float
+
+
+def draw_appearance(rng: np.random.Generator, fatty_pancreas_probability: float = 0.2) -> Appearance:
+    phase_index = int(rng.integers(len(PHASES)))
+    mean = np.zeros(256, dtype=np.float32)
+    for name, ranges in PHASE_HU.items():
+        mean[TISSUE[name]] = rng.uniform(*ranges[phase_index])
+    texture = np.full(256, DEFAULT_TEXTURE_HU, dtype=np.float32)
+    for name, hu in TEXTURE_HU.items():
+        texture[TISSUE[name]] = hu * rng.uniform(0.6, 1.4)
+    # Fatty pancreas: fat interleaved with the lobules pulls the mean down (as in the real 3 mm case).
+    fat_fraction = rng.uniform(0.15, 0.6) if rng.random() < fatty_pancreas_probability else 0.0
+    pancreas = TISSUE["pancreas"]
+    mean[pancreas] = (1 - fat_fraction) * mean[pancreas] + fat_fraction * FAT_HU
+    texture[pancreas] += 40 * fat_fraction
+    oral_contrast = bool(rng.random() < 0.15)
+    if oral_contrast:
+        mean[TISSUE["bowel_fluid"]] = rng.uniform(*ORAL_CONTRAST_HU)
+    in_plane = rng.uniform(0.9, 1.7)
+    thickness = rng.uniform(0.8, 6.0)
+    return Appearance(
+        phase=PHASES[phase_index],
+        mean_hu=mean,
+        texture_hu=texture,
+        pancreas_hu=float(mean[pancreas]),
+        pancreas_fat_fraction=float(fat_fraction),
+        oral_contrast=oral_contrast,
+        blur_mm=(max(in_plane, 0.42 * thickness), in_plane, in_plane),
+        slice_thickness_mm=float(thickness),
+        noise_hu=float(rng.uniform(3, 22)),
+    )
+
+
+def render(tissues: np.ndarray, look: Appearance, rng: np.random.Generator, vox: np.ndarray) -> np.ndarray:
+    """The CT image (float32 HU) of a tissue map: means, textures, organ detail, then the scanner."""
+    shape = tissues.shape
+    fine = fine_noise(rng, shape, 0.8)
+    coarse = smooth_noise(rng, shape, 6 / vox.min())
+    image = look.mean_hu[tissues] + look.texture_hu[tissues] * (np.float32(0.7) * fine + np.float32(0.7) * coarse)
+    _add_liver_vessels(image, tissues, look, rng, vox)
+    _add_kidney_cortex(image, tissues, look)
+    return scan(image, look, rng, vox)
+
+
+def _add_liver_vessels(image, tissues, look, rng, vox) -> None:
+    """Branching hepatic and portal vessels: where two smooth random fields both cross zero."""
+    liver = tissues == TISSUE["liver"]
+    boxes = ndimage.find_objects(liver.astype(np.uint8))
+    if not boxes:
+        return
+    box = boxes[0]
+    fields = smooth_noise(rng, liver[box].shape, 12 / vox.min(), channels=2)
+    width = rng.uniform(0.12, 0.22)
+    vessels = liver[box] & (np.abs(fields[0]) < width) & (np.abs(fields[1]) < width)
+    region = image[box]
+    region[vessels] = 0.5 * region[vessels] + 0.5 * look.mean_hu[TISSUE["portal_vein"]]
+
+
+def _add_kidney_cortex(image, tissues, look) -> None:
+    """Arterial phase: the renal cortex enhances before the medulla (corticomedullary contrast)."""
+    if look.phase != "arterial":
+        return
+    for side in ("kidney_left", "kidney_right"):
+        kidney = tissues == TISSUE[side]
+        boxes = ndimage.find_objects(kidney.astype(np.uint8))
+        if not boxes:
+            continue
+        box = boxes[0]
+        medulla = ndimage.binary_erosion(kidney[box], iterations=2)
+        image[box][medulla] -= np.float32(0.4 * (look.mean_hu[TISSUE[side]] - 40))
+
+
+def scan(image: np.ndarray, look: Appearance, rng: np.random.Generator, vox: np.ndarray) -> np.ndarray:
+    """Scanner effects: thick slices, partial-volume blur, correlated noise, calibration, reconstruction circle."""
+    if look.slice_thickness_mm > 1.4 * vox[0]:
+        factor = vox[0] / look.slice_thickness_mm  # acquire thick slices, then interpolate back
+        thick = ndimage.zoom(image, (factor, 1, 1), order=1, grid_mode=True, mode="nearest")
+        image = ndimage.zoom(thick, (image.shape[0] / thick.shape[0], 1, 1), order=1, grid_mode=True,
+                             mode="nearest")
+    image = ndimage.gaussian_filter(image, np.array(look.blur_mm) / vox, truncate=2.5)
+    image += fine_noise(rng, image.shape, 0.6) * np.float32(look.noise_hu)
+    image *= np.float32(rng.uniform(0.97, 1.03))
+    image += np.float32(rng.uniform(-8, 8))
+    if rng.random() < 0.3:
+        _outside_reconstruction_circle(image, rng)
+    return np.clip(image, -1024, 3071, out=image)
+
+
+def _outside_reconstruction_circle(image, rng) -> None:
+    """Scanners reconstruct a disc; corners outside it hold a padding value."""
+    ny, nx = image.shape[1:]
+    radius = rng.uniform(0.5, 0.6) * max(ny, nx)
+    y = np.arange(ny)[:, None] - (ny - 1) / 2
+    x = np.arange(nx)[None, :] - (nx - 1) / 2
+    image[:, y**2 + x**2 > radius**2] = -1024
