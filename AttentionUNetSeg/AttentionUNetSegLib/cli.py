@@ -37,6 +37,7 @@ COMMAND_MODULES = {
     "train": ".training.command",
     "evaluate": ".evaluation",
     "serve": ".webapp.command",
+    "synth": ".synthesis.command",
 }
 
 Writer = Callable[[Path], None]
