@@ -31,8 +31,8 @@ from .cli import (
     write_outputs,
 )
 from .errors import UserError
+from .locations import shared_data_dir
 
-REPOSITORY = Path(__file__).resolve().parents[2]
 LABEL_FORMATS = ("seg.nrrd", "nii.gz")
 DOWNLOAD_TIMEOUT_S = 60
 
@@ -116,11 +116,6 @@ def default_input() -> tuple[Path, str]:
             f"{data} has no cases and the sample CT could not be fetched ({exc.what}: {exc.why})",
             "pass a CT: attention-unet-seg demo PATH/TO/ct.nii.gz (or a DICOM folder)",
         ) from None
-
-
-def shared_data_dir() -> Path:
-    override = os.environ.get("ATTENTION_UNET_SEG_DATA")
-    return Path(override) if override else REPOSITORY.parent / "shared" / "data"
 
 
 def cache_dir() -> Path:

@@ -163,9 +163,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .demo import shared_data_dir
     from .engine import SegmentationOptions, Segmenter
     from .errors import UserError
+    from .locations import shared_data_dir
 
     if args.pairs:
         cases = [(Path(i).parent.name if Path(i).name in ("ct.nii.gz", "dicom") else Path(i).name, Path(i), Path(lbl))

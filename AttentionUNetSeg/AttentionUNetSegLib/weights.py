@@ -19,6 +19,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import WeightsError
+from .imageio import give_default_permissions
 from .network import AttentionUNet3D, NetworkConfig
 
 METADATA_KEY = "attention_unet_seg"
@@ -31,7 +32,7 @@ MODEL_CARD_NAME = "MODEL_CARD.md"
 class ModelSpec:
     """Everything inference needs besides the tensors."""
 
-    network: NetworkConfig = NetworkConfig()
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
     hu_range: tuple[float, float] = (-250.0, 350.0)  # clipped, then scaled to [0, 1]
     roi_size: tuple[int, int, int] = (96, 96, 96)  # sliding-window tile, in model voxels (x, y, z)
@@ -103,6 +104,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        give_default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from ..errors import UserError
+from ..locations import REPOSITORY, shared_dir
 from ..network import NetworkConfig
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclass
@@ -35,7 +33,7 @@ class DataSource:
 
 @dataclass
 class TrainingConfig:
-    network: NetworkConfig = NetworkConfig(feature_scale=8)
+    network: NetworkConfig = field(default_factory=lambda: NetworkConfig(feature_scale=8))
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
     hu_range: tuple[float, float] = (-250.0, 350.0)
     patch_size: tuple[int, int, int] = (96, 96, 96)  # x, y, z voxels
@@ -91,6 +89,5 @@ class TrainingConfig:
 
 def resolve_path(text: str) -> Path:
     """Paths may start with ``{shared}`` (the shared data folder) or be relative to the repository root."""
-    shared = os.environ.get("ATTENTION_UNET_SEG_SHARED", str(REPO_ROOT.parent / "shared"))
-    path = Path(text.replace("{shared}", shared)).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
+    path = Path(text.replace("{shared}", str(shared_dir()))).expanduser()
+    return path if path.is_absolute() else REPOSITORY / path

@@ -1,0 +1,22 @@
+"""Where the project's data lives on disk; environment variables override each place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# The repository root in a clone (the Lib sits in AttentionUNetSeg/AttentionUNetSegLib/).
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def shared_dir() -> Path:
+    """The shared folder beside the repository: real CT in data/, label maps in labelmaps/."""
+    return Path(os.environ.get("ATTENTION_UNET_SEG_SHARED", REPOSITORY.parent / "shared"))
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("ATTENTION_UNET_SEG_DATA", shared_dir() / "data"))
+
+
+def labelmaps_dir() -> Path:
+    return Path(os.environ.get("ATTENTION_UNET_SEG_LABELMAPS", shared_dir() / "labelmaps"))
