@@ -107,13 +107,16 @@ def estimate_frame(tissues: np.ndarray, present: set, rng: np.random.Generator, 
     centre_y = spine_y - 15 / vox[1]
     semi_front = front_mm - 15
     semi_back = back_mm + 15
-    # Lateral semi-axis: large enough that every organ row fits inside the ellipse, plus the wall.
+    # Cross-section: a superellipse (boxier than an ellipse, as abdomens are), wide enough for the organs
+    # of every row, plus the wall; organs at the front corners may touch the wall.
+    power = rng.uniform(2.2, 3.0)
     row_dy = (np.arange(ny)[None, :] - centre_y[:, None]) * vox[1]
     semi_y = np.where(row_dy < 0, semi_front[:, None], semi_back[:, None])
-    room = np.sqrt(np.clip(1 - (row_dy / semi_y) ** 2, 0.15, 1))
-    needed = np.where(reach_x > 0, (reach_x + gap + wall) / room, 0).max(axis=1)
+    room = np.clip(1 - np.abs(row_dy / semi_y) ** power, 0.3, 1) ** (1 / power)
+    needed = np.where(reach_x > 0, reach_x / room, 0).max(axis=1)
+    needed = np.minimum(needed, 1.15 * reach_x.max(axis=1)) + gap + wall
     semi_x = _envelope(np.where(has, needed, np.nan), has, 60 / vox[0])
-    semi_x = np.maximum(semi_x, rng.uniform(105, 130))
+    semi_x = np.maximum(semi_x, rng.uniform(100, 125))
     semi_front = np.maximum(_envelope(semi_front, has, 60 / vox[0]), 70)
 
     dx = ((np.arange(nx) - mid_x) * vox[2]).astype(np.float32)[None, None, :]
@@ -121,8 +124,9 @@ def estimate_frame(tissues: np.ndarray, present: set, rng: np.random.Generator, 
     semi_y3 = np.where(dy < 0, semi_front[:, None, None], semi_back[:, None, None]).astype(np.float32)
     semi_x3 = semi_x[:, None, None].astype(np.float32)
     radius = np.sqrt(dx * dx + dy * dy) + np.float32(1e-3)
-    scaled = np.sqrt((dx / semi_x3) ** 2 + (dy / semi_y3) ** 2) + np.float32(1e-6)
-    depth = radius * (1 - 1 / scaled)  # mm along the ray from the centre, outside the ellipse
+    power = np.float32(power)
+    scaled = (np.abs(dx / semi_x3) ** power + np.abs(dy / semi_y3) ** power) ** (1 / power) + np.float32(1e-6)
+    depth = radius * (1 - 1 / scaled)  # mm along the ray from the centre, outside the cross-section
     cosine = dy / radius
     return Frame(
         mid_x=float(mid_x),
@@ -276,7 +280,8 @@ def add_spine(tissues, frame, rng, vox) -> None:
     canal_dy = dy_spine - (ry + canal_r + 2)
     canal = np.sqrt(dx**2 + canal_dy**2)
     arch_level = (level > disc + 0.45 * (period - disc)) & (level < period - 2)
-    spinous = (np.abs(dx) < 4) & (canal_dy > canal_r) & (canal_dy < canal_r + rng.uniform(22, 34)) & arch_level
+    pedicle_level = level > disc
+    spinous = (np.abs(dx) < 4) & (canal_dy > canal_r) & (canal_dy < canal_r + rng.uniform(22, 34))
     transverse = (np.abs(canal_dy + canal_r * 0.8) < 3.5) & (np.abs(dx) < rx + rng.uniform(8, 20)) & (
         (level > disc + 0.5 * (period - disc)) & (level < disc + 0.75 * (period - disc))
     )
@@ -284,7 +289,8 @@ def add_spine(tissues, frame, rng, vox) -> None:
     _paint(tissues, (body < 0.7) & ~is_disc, "bone_marrow")
     _paint(tissues, (body < 1) & ~is_disc, "bone_cortex")
     _paint(tissues, canal < canal_r, "csf")
-    _paint(tissues, ((canal < canal_r + 5) & arch_level) | spinous | transverse, "bone_cortex")
+    lamina = (canal < canal_r + 5) & ((canal_dy > 0) | pedicle_level)  # facets and laminae at disc levels too
+    _paint(tissues, lamina | (spinous & arch_level) | transverse, "bone_cortex")
 
 
 def add_ribs(tissues, frame, present, rng, vox) -> None:
