@@ -21,13 +21,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "AttentionUNetSeg"))
-SHARED = Path(os.environ.get("ATTENTION_UNET_SEG_SHARED", REPO.parent / "shared"))
 
 
 def make_clinical_size_ct(folder: Path) -> Path:
     import SimpleITK as sitk
 
-    source = sitk.ReadImage(str(SHARED / "data" / "ts-abdomen-3mm" / "ct.nii.gz"))
+    from AttentionUNetSegLib.locations import shared_data_dir
+
+    source = sitk.ReadImage(str(shared_data_dir() / "ts-abdomen-3mm" / "ct.nii.gz"))
     size = (512, 512, 200)
     extent = [n * s for n, s in zip(source.GetSize(), source.GetSpacing())]
     spacing = [e / n for e, n in zip(extent, size)]

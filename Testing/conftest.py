@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("ATTENTION_UNET_SEG_SHARED", REPO.parent / "shared"))
-DATA = Path(os.environ.get("ATTENTION_UNET_SEG_DATA", SHARED / "data"))
-LABELMAPS = Path(os.environ.get("ATTENTION_UNET_SEG_LABELMAPS", SHARED / "labelmaps"))
+from AttentionUNetSegLib.locations import labelmaps_dir as shared_labelmaps_dir
+from AttentionUNetSegLib.locations import shared_data_dir
 
 
 def _require(path: Path) -> Path:
@@ -21,12 +18,12 @@ def _require(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    return _require(DATA)
+    return _require(shared_data_dir())
 
 
 @pytest.fixture(scope="session")
 def labelmaps_dir() -> Path:
-    return _require(LABELMAPS)
+    return _require(shared_labelmaps_dir())
 
 
 @pytest.fixture(scope="session")
