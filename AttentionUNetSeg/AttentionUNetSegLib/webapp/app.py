@@ -47,7 +47,7 @@ class PancreasWebApp(TrameApp):
         self.attention_maps: dict[str, sitk.Image] = {}
         self.mask: sitk.Image | None = None
         self._cancel = threading.Event()
-        self._task: asyncio.Task | None = None  # kept so that the running task is not garbage-collected
+        self.background_task: asyncio.Task | None = None  # the running load or segmentation; held so it is not lost
 
         self.server.enable_module(trame_slicer_module)  # chunked upload script used by the upload buttons
         register_rca_factories(
@@ -120,7 +120,7 @@ class PancreasWebApp(TrameApp):
             return
         with self.state:
             self.state.loading, self.state.error_message = True, ""
-        self._task = asyncio.get_running_loop().create_task(self._load(read, name))
+        self.background_task = asyncio.get_running_loop().create_task(self._load(read, name))
 
     async def _load(self, read, name: str) -> None:
         try:
@@ -179,7 +179,7 @@ class PancreasWebApp(TrameApp):
         with self.state:
             self.state.segmenting, self.state.progress, self.state.error_message = True, 0, ""
             self.state.status = "Starting..."
-        self._task = asyncio.get_running_loop().create_task(self._segment(self.ct_image))
+        self.background_task = asyncio.get_running_loop().create_task(self._segment(self.ct_image))
 
     async def _segment(self, image: sitk.Image) -> None:
         report = _thread_safe_reporter(asyncio.get_running_loop(), self._show_progress)
