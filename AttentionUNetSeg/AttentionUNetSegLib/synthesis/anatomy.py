@@ -53,6 +53,8 @@ def add_body(tissues: np.ndarray, rng: np.random.Generator, vox: np.ndarray) -> 
     if "portal_vein" not in present and "pancreas" in present:
         add_mesenteric_veins(tissues, rng, vox)
     add_superior_mesenteric_artery(tissues, aorta_xy, rng, vox)
+    if "duodenum" not in present and "pancreas" in present:
+        add_duodenum(tissues, rng, vox)
     if "rib" not in present:
         add_ribs(tissues, frame, present, rng, vox)
     add_back_muscles(tissues, frame, present, rng, vox)
@@ -250,6 +252,26 @@ def add_mesenteric_veins(tissues, rng, vox) -> None:
     paint_tube(tissues, [confluence, portal_end], rng.uniform(5, 8), "portal_vein", vox, onto=("unlabelled", "liver"))
     smv_end = confluence + np.array([-rng.uniform(40, 80), rng.uniform(-15, -5), -rng.uniform(0, 10)]) / vox
     paint_tube(tissues, [confluence, smv_end], rng.uniform(4, 6), "portal_vein", vox)
+
+
+def add_duodenum(tissues, rng, vox) -> None:
+    """The duodenal C-loop around the pancreatic head: down its right side, across below it, up to the left."""
+    zs, ys, xs = np.nonzero(tissues == T["pancreas"])
+    x_head, x_tail = xs.min(), xs.max()
+    head = xs < x_head + 0.3 * (x_tail - x_head)
+    top, bottom, front = zs[head].max(), zs[head].min(), ys[head].mean()
+    radius = rng.uniform(9, 14)
+    r = radius / vox
+    side = x_head - r[2] - rng.uniform(0, 4) / vox[2]
+    under = bottom - r[0] - rng.uniform(0, 6) / vox[0]
+    points = [
+        (top + rng.uniform(0, 12) / vox[0], front - rng.uniform(5, 20) / vox[1], side + r[2]),  # bulb
+        (top, front, side),
+        (under + r[0], front + rng.uniform(-5, 5) / vox[1], side),
+        (under, front + rng.uniform(0, 10) / vox[1], x_head + 0.3 * (x_tail - x_head)),  # third part
+        (under + rng.uniform(15, 35) / vox[0], front, x_head + rng.uniform(0.35, 0.5) * (x_tail - x_head)),
+    ]
+    paint_tube(tissues, points, radius, "duodenum", vox)
 
 
 def add_superior_mesenteric_artery(tissues, aorta_yx, rng, vox) -> None:
