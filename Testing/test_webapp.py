@@ -244,7 +244,7 @@ def choose(page, label: str, option: str) -> None:
 
 def download(page, button: str, folder: Path) -> Path:
     with page.expect_download() as pending:
-        page.get_by_role("button", name=button).click()
+        page.get_by_role("button", name=button, exact=True).click()
     path = folder / pending.value.suggested_filename
     pending.value.save_as(path)
     return path
@@ -309,6 +309,12 @@ def test_attention_heatmap_shows_hides_and_follows_the_gate_selector(page_with_c
     hidden = wait_for_view(page, "Axial", lambda rgb: heat_fraction(rgb) < 0.005)
     assert heat_fraction(hidden) < 0.005
     toggle_attention(page)
+    opacity = page.locator(".v-slider").filter(has_text="Opacity").locator(".v-slider-thumb")
+    opacity.press("Home")  # opacity 0: the CT alone again
+    assert heat_fraction(wait_for_view(page, "Axial", lambda rgb: heat_fraction(rgb) < 0.005)) < 0.005
+    for _ in range(10):
+        opacity.press("ArrowRight")  # back to 0.5 in steps of 0.05
+    wait_for_view(page, "Axial", lambda rgb: heat_fraction(rgb) > 0.1)
     choose(page, "Attention gate", "level3")
     assert heat_fraction(wait_for_view(page, "Axial", lambda rgb: heat_fraction(rgb) > 0.1)) > 0.1
     choose(page, "Attention gate", "combined")
@@ -319,7 +325,7 @@ def test_downloads_are_valid_files_on_the_input_grid(page_with_ct, result, small
     ct = read_image(small_ct)
     hu = sitk.GetArrayFromImage(ct)
 
-    seg_nrrd = download(page, "Download segmentation", tmp_path)
+    seg_nrrd = download(page, "Segmentation", tmp_path)
     assert seg_nrrd.name == "ct_pancreas.seg.nrrd"
     segmentation = sitk.ReadImage(str(seg_nrrd))
     assert same_grid(segmentation, ct)
@@ -330,12 +336,12 @@ def test_downloads_are_valid_files_on_the_input_grid(page_with_ct, result, small
     assert np.median(hu[mask]) > BONE_HU  # the mask lies on the bone it was computed from: geometry kept
 
     choose(page, "Segmentation file format", ".nii.gz")
-    nifti = download(page, "Download segmentation", tmp_path)
+    nifti = download(page, "Segmentation", tmp_path)
     assert nifti.name == "ct_pancreas.nii.gz"
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(nifti))) > 0, mask)
     choose(page, "Segmentation file format", ".seg.nrrd")
 
-    attention_file = download(page, "Download attention map", tmp_path)
+    attention_file = download(page, "Attention map", tmp_path)
     assert attention_file.name == "ct_attention_combined.nii.gz"
     attention = sitk.ReadImage(str(attention_file))
     assert same_grid(attention, ct)
@@ -363,6 +369,28 @@ def test_bad_input_shows_a_message_and_keeps_the_loaded_ct(page_with_ct, result,
         assert page.get_by_text("Loaded: ct").is_visible()
         assert STATUS_WITH_VOLUME.search(page.locator(".status-text").inner_text())  # the result is kept
     assert np.abs(view_pixels(page, "Axial") - axial_before).mean() < 2  # the views show what they showed
+
+
+def test_window_level_presets_and_scrolling_change_the_axial_view(page_with_ct):
+    page = page_with_ct
+    axial = page.locator(".layout-grid-item", has=page.locator(".view-name", has_text="Axial"))
+    abdomen = view_pixels(page, "Axial")
+    choose(page, "Window/level", "Bone")  # a wide window: soft tissue turns dark grey
+    bone = wait_for_view(page, "Axial", lambda rgb: rgb.mean() < abdomen.mean() - 10)
+    assert bone.mean() < abdomen.mean() - 10
+    choose(page, "Window/level", "Abdomen (soft tissue)")
+    wait_for_view(page, "Axial", lambda rgb: np.abs(rgb - abdomen).mean() < 2)
+
+    position = axial.locator(".slice-slider input")
+    before = float(position.input_value())
+    axial.locator("img").hover()
+    page.mouse.wheel(0, 300)  # the mouse wheel moves through the slices, as in Slicer
+    page.wait_for_function(
+        "([input, before]) => parseFloat(input.value) !== before", arg=[position.element_handle(), before]
+    )
+    assert float(position.input_value()) != before
+    moved = wait_for_view(page, "Axial", lambda rgb: np.abs(rgb - abdomen).mean() > 1)
+    assert np.abs(moved - abdomen).mean() > 1  # another slice
 
 
 # The app's own handlers, called as the page calls them, in a process of its own (the app needs an event loop

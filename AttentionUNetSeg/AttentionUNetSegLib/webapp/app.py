@@ -237,6 +237,8 @@ class PancreasWebApp(TrameApp):
         mrml_bridge.show_attention(
             self.scene, node, opacity=float(self.state.attention_opacity), visible=bool(self.state.attention_visible)
         )
+        for view in self.slicer.view_manager.get_slice_views():
+            view.schedule_render()  # an opacity change alone does not make the slice views render again
 
     # ---- downloads --------------------------------------------------------------------------------------
     def segmentation_file(self) -> bytes:

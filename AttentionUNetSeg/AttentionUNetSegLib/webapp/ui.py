@@ -131,41 +131,54 @@ def _result_panel(app: PancreasWebApp) -> None:
                 with html.Tr():
                     html.Td(label)
                     html.Td(f"{{{{ {key} }}}}")
-        v.VSwitch(v_model=("attention_visible",), label="Show attention map", color="primary", hide_details=True)
-        v.VSelect(
-            v_model=("attention_gate",),
-            items=("attention_gates",),
-            label="Attention gate",
-            density="compact",
-            hide_details=True,
-        )
-        v.VSlider(
-            v_model=("attention_opacity",),
-            label="Opacity",
-            min=0,
-            max=1,
-            step=0.05,
-            hide_details=True,
-            thumb_label=True,
-        )
-        v.VSelect(
-            v_model=("segmentation_format",),
-            items=("segmentation_formats",),
-            label="Segmentation file format",
-            density="compact",
-            hide_details=True,
-        )
+        _attention_controls()
+        _downloads(app)
+
+
+def _attention_controls() -> None:
+    v.VSwitch(
+        v_model=("attention_visible",),
+        label="Show attention map",
+        color="primary",
+        density="compact",
+        hide_details=True,
+    )
+    v.VSelect(
+        v_model=("attention_gate",),
+        items=("attention_gates",),
+        label="Attention gate",
+        density="compact",
+        hide_details=True,
+    )
+    v.VSlider(
+        v_model=("attention_opacity",), label="Opacity", min=0, max=1, step=0.05, hide_details=True, thumb_label=True
+    )
+
+
+def _downloads(app: PancreasWebApp) -> None:
+    v.VSelect(
+        v_model=("segmentation_format",),
+        items=("segmentation_formats",),
+        label="Segmentation file format",
+        density="compact",
+        hide_details=True,
+    )
+    with html.Div(classes="d-flex ga-2"):
         v.VBtn(
-            "Download segmentation",
+            "Segmentation",
             prepend_icon="mdi-download",
+            size="small",
+            classes="flex-grow-1",
             click=DOWNLOAD.format(
                 name="${ct_name}_pancreas${segmentation_format}",
                 trigger=app.server.controller.trigger_name(app.segmentation_file),
             ),
         )
         v.VBtn(
-            "Download attention map",
+            "Attention map",
             prepend_icon="mdi-download",
+            size="small",
+            classes="flex-grow-1",
             click=DOWNLOAD.format(
                 name="${ct_name}_attention_${attention_gate}.nii.gz",
                 trigger=app.server.controller.trigger_name(app.attention_file),
