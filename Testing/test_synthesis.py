@@ -38,7 +38,8 @@ def small_catalog(catalog):
 
 @pytest.fixture(scope="module")
 def cases(small_catalog):
-    generator = SyntheticCTGenerator(small_catalog, seed=0, fatty_pancreas_probability=0.0)
+    generator = SyntheticCTGenerator(small_catalog, seed=0, fatty_pancreas_probability=0.0,
+                                     random_contrast_probability=0.0, cut_pancreas_probability=0.0)
     return [generator.sample_case() for _ in range(4)]
 
 

@@ -51,6 +51,8 @@ class SyntheticCTGenerator:
         seed: int = 0,
         swap_probability: float = 0.5,
         fatty_pancreas_probability: float = 0.2,
+        random_contrast_probability: float = 0.1,
+        cut_pancreas_probability: float = 0.1,
     ):
         self.entries = list(entries)
         self.hosts = [e for e in self.entries if not e.pancreas_only]
@@ -64,6 +66,8 @@ class SyntheticCTGenerator:
         self.vox = np.array(self.spacing_mm[::-1])  # (z, y, x)
         self.swap_probability = swap_probability
         self.fatty_pancreas_probability = fatty_pancreas_probability
+        self.random_contrast_probability = random_contrast_probability
+        self.cut_pancreas_probability = cut_pancreas_probability
         self.rng = np.random.default_rng(seed)
         self._maps: dict[str, np.ndarray] = {}
         self._donors: dict[str, np.ndarray | None] = {}
@@ -119,14 +123,15 @@ class SyntheticCTGenerator:
         if not pancreas.any():
             return None
         add_body(tissues, rng, self.vox)
-        look = draw_appearance(rng, self.fatty_pancreas_probability)
+        look = draw_appearance(rng, self.fatty_pancreas_probability, self.random_contrast_probability)
         image = render(tissues, look, rng, self.vox)
         return SyntheticCase(image, pancreas.astype(np.uint8), tissues, self.spacing_mm, host, source, look)
 
     def _field_of_view(self, tissues: np.ndarray, rng: np.random.Generator) -> tuple[tuple[int, int, int], np.ndarray]:
         """A random box (shape, centre in source voxels) that holds the pancreas with some abdomen around.
 
-        It stays between a little above the liver dome and a little below the kidneys, inside the map.
+        It stays between a little above the liver dome and a little below the kidneys, inside the map;
+        now and then the top or bottom of the box cuts through the gland.
         """
         vox = self.vox
         gland = np.argwhere(tissues == PANCREAS)
@@ -144,6 +149,9 @@ class SyntheticCTGenerator:
         start_low = max(bottom, high[0] + margin - length)
         start_high = min(low[0] - margin, top - length)
         start = rng.uniform(start_low, start_high) if start_low < start_high else (low[0] + high[0] - length) / 2
+        if rng.random() < self.cut_pancreas_probability:  # the gland runs out of the field of view
+            height = high[0] - low[0]
+            start = rng.choice([low[0] - length + rng.uniform(0.3, 0.7) * height, low[0] + rng.uniform(0.3, 0.7) * height])
         centre_z = start + length / 2
 
         field_mm = rng.uniform(300, 460) * np.array([rng.uniform(0.85, 1.0), 1.0])

@@ -78,6 +78,10 @@ TEXTURE_HU = {
     "table": 80, "table_foam": 60, "distractor": 20, "air": 5,
 }
 DEFAULT_TEXTURE_HU = 6
+# Domain randomisation: tissues whose non-contrast HU lies in the soft-tissue window may get any of these.
+RANDOM_CONTRAST = "random contrast"
+RANDOM_SOFT_TISSUE_HU = (-30, 230)
+SOFT_TISSUES = tuple(name for name, ranges in PHASE_HU.items() if -30 <= ranges[0][0] and ranges[0][1] <= 120)
 FAT_HU = -95.0
 ORAL_CONTRAST_HU = (150, 450)
 
@@ -97,11 +101,19 @@ class Appearance:
     noise_hu: float
 
 
-def draw_appearance(rng: np.random.Generator, fatty_pancreas_probability: float = 0.2) -> Appearance:
+def draw_appearance(
+    rng: np.random.Generator, fatty_pancreas_probability: float = 0.2, random_contrast_probability: float = 0.1
+) -> Appearance:
+    """A case's look. Now and then (SynthSeg-style domain randomisation) soft tissues get arbitrary
+    contrast, so that the network must also recognise the pancreas by shape and place."""
     phase_index = int(rng.integers(len(PHASES)))
     mean = np.zeros(256, dtype=np.float32)
     for name, ranges in PHASE_HU.items():
         mean[TISSUE[name]] = rng.uniform(*ranges[phase_index])
+    random_contrast = rng.random() < random_contrast_probability
+    if random_contrast:
+        for name in SOFT_TISSUES:
+            mean[TISSUE[name]] = rng.uniform(*RANDOM_SOFT_TISSUE_HU)
     texture = np.full(256, DEFAULT_TEXTURE_HU, dtype=np.float32)
     for name, hu in TEXTURE_HU.items():
         texture[TISSUE[name]] = hu * rng.uniform(0.6, 1.4)
@@ -116,7 +128,7 @@ def draw_appearance(rng: np.random.Generator, fatty_pancreas_probability: float 
     in_plane = rng.uniform(0.9, 1.7)
     thickness = rng.uniform(0.8, 6.0)
     return Appearance(
-        phase=PHASES[phase_index],
+        phase=RANDOM_CONTRAST if random_contrast else PHASES[phase_index],
         mean_hu=mean,
         texture_hu=texture,
         pancreas_hu=float(mean[pancreas]),
