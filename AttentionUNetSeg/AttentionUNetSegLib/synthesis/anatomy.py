@@ -31,12 +31,10 @@ class Frame:
 
     mid_x: float  # voxels
     spine_y: np.ndarray  # vertebral body centre, voxels
-    centre_y: np.ndarray  # centre of the body's elliptic cross-section, voxels
     dx: np.ndarray  # (1, 1, x) mm from the midline
     dy: np.ndarray  # (z, y, 1) mm from the cross-section centre (positive = posterior)
     depth: np.ndarray  # (z, y, x) mm outside the wall muscle's outer surface (negative inside)
-    anterior: np.ndarray  # (z, y, x) 0 at the sides and back, 1 straight in front
-    posterior_angle: np.ndarray  # (z, y, x) radians from straight back (0) to straight front (pi)
+    cosine: np.ndarray  # (z, y, x) cosine of the angle from straight back: 1 at the back, -1 in front
     wall_mm: float
 
 
@@ -49,21 +47,22 @@ def add_body(tissues: np.ndarray, rng: np.random.Generator, vox: np.ndarray) -> 
     if "vertebra" not in present:
         add_spine(tissues, frame, rng, vox)
     if "inferior_vena_cava" not in present:
-        add_vertical_vessel(tissues, frame, rng, vox, side=-1)
+        add_inferior_vena_cava(tissues, frame, rng, vox)
     if "portal_vein" not in present and "pancreas" in present:
         add_mesenteric_veins(tissues, rng, vox)
     add_superior_mesenteric_artery(tissues, aorta_xy, rng, vox)
     if "duodenum" not in present and "pancreas" in present:
         add_duodenum(tissues, rng, vox)
     if "rib" not in present:
-        add_ribs(tissues, frame, present, rng, vox)
-    add_back_muscles(tissues, frame, present, rng, vox)
-    fat_mm = add_wall_and_fat(tissues, frame, rng)
+        add_ribs(tissues, frame, rng, vox)
+    if "muscle" not in present:
+        add_back_muscles(tissues, frame, rng, vox)
+    add_wall_and_fat(tissues, frame, rng)
     if "lung" not in present:
         add_lungs(tissues, frame)
     add_abdominal_contents(tissues, frame, rng, vox)
     if rng.random() < 0.6:
-        add_table(tissues, frame, fat_mm, rng, vox)
+        add_table(tissues, frame, rng, vox)
 
 
 def estimate_frame(tissues: np.ndarray, present: set, rng: np.random.Generator, vox: np.ndarray) -> Frame:
@@ -133,12 +132,10 @@ def estimate_frame(tissues: np.ndarray, present: set, rng: np.random.Generator, 
     return Frame(
         mid_x=float(mid_x),
         spine_y=spine_y,
-        centre_y=centre_y,
         dx=dx,
         dy=dy,
         depth=depth,
-        anterior=np.clip(-cosine, 0, 1),
-        posterior_angle=np.arccos(np.clip(cosine, -1, 1)),
+        cosine=cosine,
         wall_mm=wall,
     )
 
@@ -205,9 +202,9 @@ def _paint_vertical(tissues, centre_y, centre_x, radius_x, radius_y, vox, tissue
     _paint(tissues[:, y0:y1, x0:x1], inside, tissue, onto)
 
 
-def add_vertical_vessel(tissues, frame, rng, vox, side: int) -> None:
-    """The inferior vena cava: right of the spine, in front of it, through the back of the liver."""
-    centre_x = np.full(tissues.shape[0], frame.mid_x + side * rng.uniform(18, 28) / vox[2])
+def add_inferior_vena_cava(tissues, frame, rng, vox) -> None:
+    """Right of the spine (lower x), in front of it, through the back of the liver."""
+    centre_x = np.full(tissues.shape[0], frame.mid_x - rng.uniform(18, 28) / vox[2])
     centre_y = frame.spine_y - rng.uniform(22, 30) / vox[1]
     _paint_vertical(tissues, centre_y, centre_x, rng.uniform(10, 15), rng.uniform(7, 11), vox,
                     "inferior_vena_cava", onto=("unlabelled", "liver"))
@@ -315,7 +312,7 @@ def add_spine(tissues, frame, rng, vox) -> None:
     _paint(tissues, lamina | (spinous & arch_level) | transverse, "bone_cortex")
 
 
-def add_ribs(tissues, frame, present, rng, vox) -> None:
+def add_ribs(tissues, frame, rng, vox) -> None:
     """Ribs 7-12 in the body wall: they descend from the spine towards the front; the lowest stop short."""
     band = np.abs(frame.depth + frame.wall_mm / 2) < rng.uniform(3.5, 5)  # ribs are about 8 mm thick
     where = np.nonzero(band)
@@ -326,7 +323,7 @@ def add_ribs(tissues, frame, present, rng, vox) -> None:
     rib12_mm = anchor * vox[0] + rng.uniform(-5, 25)
     period, drop, half = rng.uniform(24, 32), rng.uniform(60, 110), rng.uniform(3.5, 5.5)
     reach = np.array([rng.uniform(0.9, 1.3), rng.uniform(1.4, 1.9), rng.uniform(2.1, 2.5)] + [2.8] * 6)
-    angle = frame.posterior_angle[where]
+    angle = np.arccos(np.clip(frame.cosine[where], -1, 1))  # 0 straight back, pi straight in front
     position = (where[0] * vox[0] - rib12_mm + drop * angle / (np.pi / 2)) / period
     rib = np.rint(position).astype(int)
     on_rib = (np.abs(position - rib) * period < half) & (rib >= 0) & (rib < len(reach))
@@ -336,37 +333,36 @@ def add_ribs(tissues, frame, present, rng, vox) -> None:
     _paint(tissues, mask, "rib")
 
 
-def add_back_muscles(tissues, frame, present, rng, vox) -> None:
+def add_back_muscles(tissues, frame, rng, vox) -> None:
     """Paraspinal muscles behind the spine and psoas muscles beside it, growing towards the pelvis."""
     dy_spine = ((np.arange(tissues.shape[1])[None, :] - frame.spine_y[:, None]) * vox[1])[:, :, None]
     inside = frame.depth < 0
-    if "muscle" not in present:
-        # Erector spinae: one oval bundle each side of the spinous process.
-        side_mm, depth_mm = rng.uniform(22, 32), rng.uniform(42, 55)
-        radius_x, radius_y = rng.uniform(20, 30), rng.uniform(24, 34)
-        bundles = ((np.abs(frame.dx) - side_mm) / radius_x) ** 2 + ((dy_spine - depth_mm) / radius_y) ** 2 < 1
-        _paint(tissues, inside & bundles, "muscle")
-        kidney_rows = np.nonzero(np.isin(tissues, [T["kidney_left"], T["kidney_right"]]).any(axis=(1, 2)))[0]
-        top = kidney_rows.mean() if len(kidney_rows) else tissues.shape[0] * 0.6
-        below = np.clip((top - np.arange(tissues.shape[0])) * vox[0], 0, None)[:, None, None]
-        radius = np.minimum(7 + 0.22 * below, 28) * (below > 0)
-        offset = rng.uniform(22, 28) + radius * 0.8
-        psoas = ((np.abs(frame.dx) - offset) ** 2 + (dy_spine + 2) ** 2) < radius**2
-        _paint(tissues, psoas, "muscle")
-        quadratus = (np.abs(np.abs(frame.dx) - offset - radius - 18) < 14) & (np.abs(dy_spine - 12) < 12)
-        _paint(tissues, quadratus & inside & (below > 0), "muscle")
+    # Erector spinae: one oval bundle each side of the spinous process.
+    side_mm, depth_mm = rng.uniform(22, 32), rng.uniform(42, 55)
+    radius_x, radius_y = rng.uniform(20, 30), rng.uniform(24, 34)
+    bundles = ((np.abs(frame.dx) - side_mm) / radius_x) ** 2 + ((dy_spine - depth_mm) / radius_y) ** 2 < 1
+    _paint(tissues, inside & bundles, "muscle")
+    kidney_rows = np.nonzero(np.isin(tissues, [T["kidney_left"], T["kidney_right"]]).any(axis=(1, 2)))[0]
+    top = kidney_rows.mean() if len(kidney_rows) else tissues.shape[0] * 0.6
+    below = np.clip((top - np.arange(tissues.shape[0])) * vox[0], 0, None)[:, None, None]
+    radius = np.minimum(7 + 0.22 * below, 28) * (below > 0)
+    offset = rng.uniform(22, 28) + radius * 0.8
+    psoas = ((np.abs(frame.dx) - offset) ** 2 + (dy_spine + 2) ** 2) < radius**2
+    _paint(tissues, psoas, "muscle")
+    quadratus = (np.abs(np.abs(frame.dx) - offset - radius - 18) < 14) & (np.abs(dy_spine - 12) < 12)
+    _paint(tissues, quadratus & inside & (below > 0), "muscle")
 
 
-def add_wall_and_fat(tissues, frame, rng) -> np.ndarray:
-    """Abdominal wall muscle ring, subcutaneous fat (thicker in front), air outside. Returns fat (mm)."""
+def add_wall_and_fat(tissues, frame, rng) -> None:
+    """Abdominal wall muscle ring, subcutaneous fat (thicker in front, thinner at the back), air outside."""
     base = rng.gamma(2.5, 7) + 3
-    fat = base * (1 + rng.uniform(0.1, 0.8) * frame.anterior) * np.where(frame.dy > 0, rng.uniform(0.5, 1), 1)
+    anterior = np.clip(-frame.cosine, 0, 1)
+    fat = base * (1 + rng.uniform(0.1, 0.8) * anterior) * np.where(frame.dy > 0, rng.uniform(0.5, 1), 1)
     fat = fat.astype(np.float32)
     depth = frame.depth
     _paint(tissues, (depth >= -frame.wall_mm) & (depth < 0), "wall_muscle")
     _paint(tissues, (depth >= 0) & (depth < fat), "subcutaneous_fat")
     _paint(tissues, depth >= fat, "air")
-    return fat
 
 
 def add_lungs(tissues, frame) -> None:
@@ -407,7 +403,7 @@ def add_abdominal_contents(tissues, frame, rng, vox) -> None:
         gas_share[T[name]] = rng.uniform(low, high)
     index = np.nonzero(lumen)
     kind = tissues[index]
-    rise = frame.anterior[index] * np.float32(1.5) - np.float32(0.5)
+    rise = np.clip(-frame.cosine[index], 0, 1) * np.float32(1.5) - np.float32(0.5)  # gas floats to the front
     gas = content[index] + rise > ndtri(1 - gas_share[kind].clip(1e-3, 0.999)) + 0.2
     faecal = np.isin(kind, [T["colon"], T["rectum"]]) & ~gas & (rng.random() < 0.8)
     # Small bowel labels cover a packet of loops: collapsed loops and the walls between them look solid.
@@ -426,7 +422,7 @@ def add_abdominal_contents(tissues, frame, rng, vox) -> None:
     tissues[tissues == 0] = T["visceral_fat"]
 
 
-def add_table(tissues, frame, fat_mm, rng, vox) -> None:
+def add_table(tissues, frame, rng, vox) -> None:
     """A curved CT table under the patient's back: a dense shell with a light foam core."""
     ny = tissues.shape[1]
     body = tissues != T["air"]
@@ -442,6 +438,5 @@ def add_table(tissues, frame, fat_mm, rng, vox) -> None:
     slab = (y >= surface) & (y < surface + thickness) & (np.abs(frame.dx[0]) < half_width)
     shell = slab & ((y < surface + 1.5) | (y >= surface + thickness - 1.5))
     layer = np.where(shell, T["table"], np.where(slab, T["table_foam"], 0)).astype(np.uint8)
-    region = tissues[:, :, :]
-    paint = (layer[None] > 0) & (region == T["air"])
-    region[paint] = np.broadcast_to(layer[None], region.shape)[paint]
+    paint = (layer[None] > 0) & (tissues == T["air"])
+    tissues[paint] = np.broadcast_to(layer[None], tissues.shape)[paint]
