@@ -180,19 +180,31 @@ def _add_kidney_cortex(image, tissues, look) -> None:
 
 
 def scan(image: np.ndarray, look: Appearance, rng: np.random.Generator, vox: np.ndarray) -> np.ndarray:
-    """Scanner effects: thick slices, partial-volume blur, correlated noise, calibration, reconstruction circle."""
-    if look.slice_thickness_mm > 1.4 * vox[0]:
-        factor = vox[0] / look.slice_thickness_mm  # acquire thick slices, then interpolate back
-        thick = ndimage.zoom(image, (factor, 1, 1), order=1, grid_mode=True, mode="nearest")
-        image = ndimage.zoom(thick, (image.shape[0] / thick.shape[0], 1, 1), order=1, grid_mode=True,
-                             mode="nearest")
+    """Scanner effects: partial-volume blur (slice profile included), thick slices interpolated back to the
+    grid, correlated noise, calibration offsets, the reconstruction circle."""
     image = ndimage.gaussian_filter(image, np.array(look.blur_mm) / vox, truncate=2.5)
+    if look.slice_thickness_mm > 1.4 * vox[0]:
+        image = _thick_slices(image, look.slice_thickness_mm / vox[0], rng.uniform(0, 1))
     image += fine_noise(rng, image.shape, 0.6) * np.float32(look.noise_hu)
     image *= np.float32(rng.uniform(0.97, 1.03))
     image += np.float32(rng.uniform(-8, 8))
     if rng.random() < 0.3:
         _outside_reconstruction_circle(image, rng)
     return np.clip(image, -1024, 3071, out=image)
+
+
+def _thick_slices(image: np.ndarray, step: float, phase: float) -> np.ndarray:
+    """Keep only slices ``step`` voxels apart (linear sampling), then interpolate linearly back to every voxel."""
+    last = image.shape[0] - 1
+    positions = np.arange(-phase * step, last + step, step).clip(0, last)
+    below = np.floor(positions).astype(int)
+    weight = (positions - below).astype(np.float32)[:, None, None]
+    upper = np.minimum(below + 1, last)
+    slices = image[below] * (1 - weight) + image[upper] * weight
+    where = (np.arange(image.shape[0]) + phase * step) / step
+    lower = np.minimum(np.floor(where).astype(int), len(positions) - 2)
+    weight = (where - lower).astype(np.float32)[:, None, None]
+    return slices[lower] * (1 - weight) + slices[lower + 1] * weight
 
 
 def _outside_reconstruction_circle(image, rng) -> None:
