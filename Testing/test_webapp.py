@@ -290,6 +290,7 @@ def test_segment_pancreas_shows_the_segment_in_2d_and_3d_with_volume_time_and_de
     assert page.get_by_role("cell", name=f"{volume_ml} mL").is_visible()
     assert page.get_by_role("cell", name=f"{seconds} s").is_visible()
     assert page.get_by_role("button", name="Segment Pancreas").is_enabled()  # not "Cancel" any more
+    assert page.get_by_role("progressbar").get_attribute("aria-valuenow") == "100"
 
     surface = wait_for_view(page, "3D", lambda rgb: surface_pixels(rgb) > 2000)
     assert surface_pixels(surface) > 2000
@@ -442,7 +443,10 @@ def test_upload_of_a_dicom_series_loads_it(browser, bone_model, dicom_dir, tmp_p
         page.goto(url)
         page.get_by_text("No CT loaded").wait_for()
         assert page.get_by_role("button", name="Segment Pancreas").is_disabled()
-        page.locator("input[type=file]:not([webkitdirectory])").set_input_files(sorted(dicom_dir.iterdir()))
+        files = page.locator("input[type=file]:not([webkitdirectory])")
+        files.set_input_files([tmp_path / "stdout.txt", tmp_path / "stderr.txt"])  # two files, no DICOM among them
+        page.locator(".error-message").filter(has_text="no DICOM series in the uploaded files").wait_for()
+        files.set_input_files(sorted(dicom_dir.iterdir()))
         page.get_by_text("Loaded: uploaded DICOM series").wait_for()
         assert page.get_by_text("(512x512x20 voxels)").is_visible()
         assert page.get_by_role("button", name="Segment Pancreas").is_enabled()

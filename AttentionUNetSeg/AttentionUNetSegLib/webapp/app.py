@@ -269,9 +269,14 @@ def _read_ct(read, name: str) -> sitk.Image:
 
 
 def _read_uploaded(files: list[dict]) -> sitk.Image:
+    """Read the upload from a temporary folder; messages speak of the upload, not of that folder."""
     with tempfile.TemporaryDirectory() as folder:
         paths = write_client_files_to_dir(files, folder)
-        return imageio.read_image(paths[0] if len(paths) == 1 else folder)
+        try:
+            return imageio.read_image(paths[0] if len(paths) == 1 else folder)
+        except UserError as error:
+            what = error.what.replace(f"in folder {folder}", "in the uploaded files").replace(folder, "the upload")
+            raise UserError(what, error.why, error.todo) from None
 
 
 def _uploaded_name(files: list[dict]) -> str:
