@@ -1,4 +1,4 @@
-"""``attention-unet-seg evaluate``: the engine on image/label pairs; Dice, HD95, surface Dice, volume error.
+"""Score the engine on image/label pairs: Dice, HD95, surface Dice at 2 mm and volume error per case.
 
 Metrics are computed on each CT's own grid (the label is brought there through physical space), with
 MONAI's surface-distance metrics. Writes a CSV, a markdown table and a PNG montage of overlays.

@@ -1,4 +1,4 @@
-"""``attention-unet-seg train CONFIG``: train a model as a YAML/JSON config says."""
+"""Train a model as a YAML or JSON config says (the bundled model's config is in Resources/Models)."""
 
 from __future__ import annotations
 
