@@ -92,7 +92,7 @@ class SyntheticCTGenerator:
         return self._maps[key]
 
     def donor_pancreas(self, entry: LabelMapEntry) -> np.ndarray | None:
-        """The entry's pancreas mask cropped to itself, or None when it is too large to be a gland."""
+        """The entry's pancreas mask cropped to itself, or None when it is implausible as a gland."""
         key = str(entry.path)
         if key not in self._donors:
             gland = self.tissue_map(entry) == PANCREAS
@@ -128,37 +128,35 @@ class SyntheticCTGenerator:
         return SyntheticCase(image, pancreas.astype(np.uint8), tissues, self.spacing_mm, host, source, look)
 
     def _field_of_view(self, tissues: np.ndarray, rng: np.random.Generator) -> tuple[tuple[int, int, int], np.ndarray]:
-        """A random box (shape, centre in source voxels) that holds the pancreas with some abdomen around.
-
-        It stays between a little above the liver dome and a little below the kidneys, inside the map;
-        now and then the top or bottom of the box cuts through the gland.
-        """
-        vox = self.vox
+        """A random box (shape, centre in source voxels) that holds the pancreas with some abdomen around."""
         gland = np.argwhere(tissues == PANCREAS)
         low, high = gland.min(axis=0), gland.max(axis=0)
         organs = bounding_box(tissues > 0)
-        top, bottom = organs[0].stop - 1, organs[0].start
-        liver = np.nonzero((tissues == TISSUE["liver"]).any(axis=(1, 2)))[0]
-        if len(liver):
-            top = min(top, liver[-1] + rng.uniform(0, 40) / vox[0])
-        kidneys = np.nonzero(np.isin(tissues, [TISSUE["kidney_left"], TISSUE["kidney_right"]]).any(axis=(1, 2)))[0]
-        bottom = max(bottom, (kidneys[0] if len(kidneys) else low[0]) - rng.uniform(20, 80) / vox[0])
-        margin = 10 / vox[0]
-        length = rng.uniform(120, 300) / vox[0]
-        length = max(min(length, top - bottom), high[0] - low[0] + 2 * margin)
-        start_low = max(bottom, high[0] + margin - length)
-        start_high = min(low[0] - margin, top - length)
-        start = rng.uniform(start_low, start_high) if start_low < start_high else (low[0] + high[0] - length) / 2
-        if rng.random() < self.cut_pancreas_probability:  # the gland runs out of the field of view
-            height = high[0] - low[0]
-            start = rng.choice([low[0] - length + rng.uniform(0.3, 0.7) * height, low[0] + rng.uniform(0.3, 0.7) * height])
-        centre_z = start + length / 2
-
+        length, centre_z = self._slab(tissues, organs[0], low[0], high[0], rng)
+        margin = 10 / self.vox[1:]
         field_mm = rng.uniform(300, 460) * np.array([rng.uniform(0.85, 1.0), 1.0])
-        body_centre = np.array([(s.start + s.stop) / 2 for s in organs[1:]]) + np.array([10 / vox[1], 0])
-        half = field_mm / 2 / vox[1:]
-        gland_low, gland_high = low[1:] - margin, high[1:] + margin
-        centre_yx = body_centre + rng.normal(0, 25, 2) / vox[1:]
-        centre_yx = np.clip(centre_yx, gland_high - half, gland_low + half)  # the gland stays in view
+        half = field_mm / 2 / self.vox[1:]
+        body_centre = np.array([(s.start + s.stop) / 2 for s in organs[1:]]) + np.array([10 / self.vox[1], 0])
+        centre_yx = body_centre + rng.normal(0, 25, 2) / self.vox[1:]
+        centre_yx = np.clip(centre_yx, high[1:] + margin - half, low[1:] - margin + half)  # the gland stays in view
         shape = (round(length), *[round(2 * h) for h in half])
         return shape, np.array([centre_z, *centre_yx])
+
+    def _slab(self, tissues, rows: slice, low: int, high: int, rng) -> tuple[float, float]:
+        """(length, centre) in slices: between a little above the liver dome and a little below the kidneys,
+        inside the map, around the gland (rows ``low``..``high``); now and then cutting through the gland."""
+        vox_z = self.vox[0]
+        top, bottom = rows.stop - 1, rows.start
+        liver = np.nonzero((tissues == TISSUE["liver"]).any(axis=(1, 2)))[0]
+        if len(liver):
+            top = min(top, liver[-1] + rng.uniform(0, 40) / vox_z)
+        kidneys = np.nonzero(np.isin(tissues, [TISSUE["kidney_left"], TISSUE["kidney_right"]]).any(axis=(1, 2)))[0]
+        bottom = max(bottom, (kidneys[0] if len(kidneys) else low) - rng.uniform(20, 80) / vox_z)
+        margin = 10 / vox_z
+        length = max(min(rng.uniform(120, 300) / vox_z, top - bottom), high - low + 2 * margin)
+        start_low, start_high = max(bottom, high + margin - length), min(low - margin, top - length)
+        start = rng.uniform(start_low, start_high) if start_low < start_high else (low + high - length) / 2
+        if rng.random() < self.cut_pancreas_probability:  # the gland runs out of the field of view
+            kept = rng.uniform(0.3, 0.7) * (high - low)
+            start = low - length + kept if rng.random() < 0.5 else high - kept
+        return length, start + length / 2
