@@ -118,14 +118,14 @@ def draw_appearance(
     for name, hu in TEXTURE_HU.items():
         texture[TISSUE[name]] = hu * rng.uniform(0.6, 1.4)
     # Fatty pancreas: fat interleaved with the lobules pulls the mean down (as in the real 3 mm case).
-    fat_fraction = rng.uniform(0.15, 0.6) if rng.random() < fatty_pancreas_probability else 0.0
+    fat_fraction = rng.uniform(0.1, 0.45) if rng.random() < fatty_pancreas_probability else 0.0
     pancreas = TISSUE["pancreas"]
     mean[pancreas] = (1 - fat_fraction) * mean[pancreas] + fat_fraction * FAT_HU
     texture[pancreas] += 40 * fat_fraction
     oral_contrast = bool(rng.random() < 0.15)
     if oral_contrast:
         mean[TISSUE["bowel_fluid"]] = rng.uniform(*ORAL_CONTRAST_HU)
-    in_plane = rng.uniform(0.9, 1.7)
+    in_plane = rng.uniform(0.8, 2.0)  # Gaussian sigma (mm): sharp to soft kernels and coarse pixels
     thickness = rng.uniform(0.8, 6.0)
     return Appearance(
         phase=RANDOM_CONTRAST if random_contrast else PHASES[phase_index],
