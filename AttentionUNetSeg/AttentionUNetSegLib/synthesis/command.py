@@ -1,4 +1,4 @@
-"""``attention-unet-seg synth``: write a few synthetic CT cases (NIfTI) and a PNG montage to look at.
+"""Write a few synthetic CT cases made from label maps (NIfTI) and a PNG montage to look at.
 
 Each case is a CT-like image in HU (int16) and its pancreas label (uint8), made from the label maps
 (default: the shared label map folder, or $ATTENTION_UNET_SEG_LABELMAPS); a CSV lists where each came
