@@ -1,0 +1,124 @@
+"""Training from a config (real + synthetic sources), resume, layouts users have, and evaluation metrics."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from AttentionUNetSegLib.errors import UserError
+from AttentionUNetSegLib.evaluation import dice, evaluate, shared_cases, surface_scores
+from AttentionUNetSegLib.engine import Segmenter
+from AttentionUNetSegLib.locations import REPOSITORY
+from AttentionUNetSegLib.training.config import DataSource, TrainingConfig
+from AttentionUNetSegLib.training.data import RealCases, sample_patch, source_pairs
+from AttentionUNetSegLib.training.loop import train
+from AttentionUNetSegLib.weights import load_model
+
+BUNDLED_CONFIG = REPOSITORY / "AttentionUNetSeg" / "Resources" / "Models" / "pancreas_attention_unet.train.yaml"
+
+
+def tiny_config(data_dir, labelmaps_dir, out, steps):
+    return TrainingConfig.from_dict({
+        "network": {"feature_scale": 16},
+        "patch_size": [32, 32, 32],
+        "spacing_mm": [4.0, 4.0, 4.0],
+        "batch_size": 1,
+        "steps": steps,
+        "validate_every": 2,
+        "checkpoint_every": 2,
+        "warmup_steps": 1,
+        "synthetic_pool": 2,
+        "sources": [
+            {"kind": "synthetic", "weight": 0.5, "path": str(labelmaps_dir)},
+            {"kind": "pairs", "weight": 0.5,
+             "pairs": [[str(data_dir / "ts-abdomen-3mm-crop/ct.nii.gz"),
+                        str(data_dir / "ts-abdomen-3mm-crop/pancreas.nii.gz")]]},
+        ],
+        "validation_pairs": [[str(data_dir / "ts-venous-dicom/dicom"),
+                              str(data_dir / "ts-venous-dicom/pancreas.nii.gz")]],
+        "output_dir": str(out),
+    })
+
+
+def test_bundled_config_loads_and_unknown_settings_are_refused():
+    config = TrainingConfig.load(BUNDLED_CONFIG)
+    assert config.network.feature_scale == 8 and {s.kind for s in config.sources} == {"synthetic", "pairs"}
+    with pytest.raises(UserError, match="unknown training settings"):
+        TrainingConfig.from_dict({"learning_rat": 1})
+
+
+def test_a_short_run_trains_validates_checkpoints_and_resumes(data_dir, labelmaps_dir, tmp_path):
+    config = tiny_config(data_dir, labelmaps_dir, tmp_path / "run", steps=2)
+    first = load_model(train(config, show_progress=False))
+    assert first.spec.training["steps"] == 2 and first.spec.training["real_cases"] == ["ts-abdomen-3mm-crop"]
+    config.steps = 4
+    train(config, resume=True, show_progress=False)
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # resumed at step 3, not from scratch
+    losses = [float(r["loss"]) for r in rows]
+    assert all(np.isfinite(losses))
+    validation = json.loads(rows[-1]["validation"])
+    assert {"real:ts-venous-dicom", "mean"} <= set(validation) and any(k.startswith("synthetic") for k in validation)
+    assert all(0.0 <= v <= 1.0 for v in validation.values())
+    for name in ("last.safetensors", "best.safetensors", "curves.png", "config.json", "last.optimizer.pt"):
+        assert (tmp_path / "run" / name).is_file()
+
+
+def test_decathlon_and_nih_layouts(data_dir, tmp_path):
+    """A user with MSD Task07 or NIH Pancreas-CT retrains with one command: the layouts are found as they are."""
+    ct, label = data_dir / "ts-abdomen-3mm-crop/ct.nii.gz", data_dir / "ts-abdomen-3mm-crop/pancreas.nii.gz"
+    msd = tmp_path / "Task07_Pancreas"
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (msd / folder).mkdir(parents=True)
+    os.symlink(ct, msd / "imagesTr" / "pancreas_001.nii.gz")
+    tumour = sitk.ReadImage(str(label)) * 2  # MSD: 2 = tumour, inside the pancreas
+    sitk.WriteImage(tumour, str(msd / "labelsTr" / "pancreas_001.nii.gz"))
+    (msd / "imagesTr" / "._pancreas_001.nii.gz").write_bytes(b"macOS resource fork")
+    pairs = source_pairs(DataSource(kind="msd", path=str(msd)))
+    assert [p[0].name for p in pairs] == ["pancreas_001.nii.gz"]
+    cases = RealCases(DataSource(kind="msd", path=str(msd)), (3.0, 3.0, 3.0)).cases
+    assert cases[0].pancreas.sum() > 0  # the tumour label counts as pancreas
+
+    nih = tmp_path / "nih"
+    (nih / "images").mkdir(parents=True)
+    (nih / "labels").mkdir()
+    os.symlink(ct, nih / "images" / "PANCREAS_0001.nii.gz")
+    os.symlink(label, nih / "labels" / "label0001.nii.gz")
+    pairs = source_pairs(DataSource(kind="nih", images=str(nih / "images"), labels=str(nih / "labels")))
+    assert [(i.name, lbl.name) for i, lbl in pairs] == [("PANCREAS_0001.nii.gz", "label0001.nii.gz")]
+    with pytest.raises(UserError, match="not found"):
+        source_pairs(DataSource(kind="msd", path=str(tmp_path / "missing")))
+
+
+def test_patches_centre_on_the_pancreas_when_asked(data_dir):
+    case = RealCases(DataSource(kind="pairs", pairs=[[str(data_dir / "ts-abdomen-3mm/ct.nii.gz"),
+                                                       str(data_dir / "ts-abdomen-3mm/pancreas.nii.gz")]]),
+                     (3.0, 3.0, 3.0)).cases[0]
+    rng = np.random.default_rng(0)
+    hits = [sample_patch(case, (32, 32, 32), rng, 1.0)[1].any() for _ in range(10)]
+    ct, label = sample_patch(case, (200, 32, 32), rng, 0.0)  # larger than the case: padded with air
+    assert all(hits) and ct.shape == label.shape == (200, 32, 32) and (ct[-50:] == -1024).all()
+
+
+def test_metrics_on_known_shapes():
+    grid = np.indices((40, 40, 40))
+    sphere = ((grid - 20) ** 2).sum(0) <= 8**2
+    shifted = ((grid - np.array([20, 20, 22])[:, None, None, None]) ** 2).sum(0) <= 8**2
+    assert dice(sphere, sphere) == 1.0 and dice(sphere, np.zeros_like(sphere)) == 0.0
+    hd95, nsd = surface_scores(sphere, sphere, (1.0, 1.0, 1.0))
+    assert hd95 == 0.0 and nsd == 1.0
+    hd95, nsd = surface_scores(sphere, shifted, (1.0, 1.0, 1.5))  # 2 voxels apart along x, 1.5 mm each
+    assert 2.0 <= hd95 <= 3.0 + 1e-6 and 0.5 < nsd < 1.0
+
+
+def test_evaluation_writes_tables_and_montage(tiny_model, data_dir, tmp_path):
+    cases = [c for c in shared_cases(data_dir) if c[0] == "ts-abdomen-3mm-crop"]
+    scores = evaluate(Segmenter(tiny_model), cases, tmp_path)
+    assert [s.case for s in scores] == ["ts-abdomen-3mm-crop"] and scores[0].in_training == "no"
+    assert scores[0].reference_ml == pytest.approx(17.4, abs=0.3)  # the README's 17.4 mL label
+    table = (tmp_path / "evaluation.md").read_text()
+    assert "ts-abdomen-3mm-crop" in table and "| mean |" in table
+    assert (tmp_path / "evaluation.png").stat().st_size > 10_000
