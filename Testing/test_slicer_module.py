@@ -275,6 +275,13 @@ def test_module_file_compiles_for_python_3_9_and_passes_ruff():
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
+def test_every_python_file_of_the_extension_parses_as_python_3_9():
+    """Slicer 5.8 runs Python 3.9: no match statements, parenthesised context managers or newer syntax."""
+    scripts, _ = module_cmake_files()
+    for script in scripts:
+        ast.parse((MODULE_DIR / script).read_text(encoding="utf-8"), filename=script, feature_version=(3, 9))
+
+
 def test_module_title_category_and_self_test():
     text = MODULE_FILE.read_text()
     assert 'self.parent.title = "Pancreas Attention U-Net"' in text
