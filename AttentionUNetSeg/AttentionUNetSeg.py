@@ -97,6 +97,7 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._gpuQuery = None
+        self._shownDisplay = None  # the display settings last applied to the result
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -163,10 +164,12 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.attentionMapComboBox.enabled = parameters.showAttention
         self.ui.attentionOpacitySlider.enabled = parameters.showAttention
         self.ui.attentionColorMapComboBox.enabled = parameters.showAttention
-        if self.logic.hasResult() and not self.logic.running:
-            self.logic.showAttention(parameters.attentionMap, parameters.showAttention,
-                                     parameters.attentionOpacity, parameters.attentionColorMap)
+        display = (parameters.attentionMap, parameters.showAttention, parameters.attentionOpacity,
+                   parameters.attentionColorMap, parameters.show3D)
+        if display != self._shownDisplay and self.logic.hasResult() and not self.logic.running:
+            self.logic.showAttention(*display[:4])
             self.logic.showSurface(parameters.show3D)
+            self._shownDisplay = display  # other parameters (a new input, say) leave the views alone
 
     def updateApplyButton(self):
         if self.logic.running:
@@ -238,6 +241,7 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.statusLabel.text = "Done."
             self.ui.resultLabel.text = resultLine(result)
+            self._shownDisplay = None
             self.logic.getParameterNode().outputSegmentation = result.outputs.segmentation_node
             if self._parameterNode:
                 self.onParameterChanged()
