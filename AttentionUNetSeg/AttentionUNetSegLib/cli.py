@@ -12,7 +12,6 @@ import importlib
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -280,7 +279,7 @@ def write_outputs(writers: dict[Path, Writer]) -> None:
         for folder in dict.fromkeys(created_folders):
             folder.mkdir(parents=True)
         for target, write in writers.items():
-            staged.append((_hidden_twin(Path(target)), Path(target)))
+            staged.append((imageio.hidden_twin(Path(target)), Path(target)))
             write(staged[-1][0])
         for temporary, target in staged:
             os.replace(temporary, target)
@@ -292,14 +291,6 @@ def write_outputs(writers: dict[Path, Writer]) -> None:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-
-
-def _hidden_twin(path: Path) -> Path:
-    """A free hidden name in the same folder that keeps the extension (it picks the file format)."""
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[: -len(suffix)]}-partial-", suffix=suffix)
-    os.close(fd)
-    return Path(name)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -130,16 +129,12 @@ def fetch_verified(url: str, sha256: str, destination: Path) -> Path:
     if destination.is_file() and _file_sha256(destination) == sha256:
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with imageio.replacing(destination) as partial:
+        with partial.open("wb") as out:
             _download(url, out)
-        if _file_sha256(Path(partial)) != sha256:
+        if _file_sha256(partial) != sha256:
             raise UserError(f"the download of {destination.name} failed its SHA-256 check",
                             f"{url} did not serve the expected file", "try again later")
-        os.replace(partial, destination)
-    finally:
-        Path(partial).unlink(missing_ok=True)
     return destination
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -142,21 +144,36 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> N
         raise UserError(f"cannot write {path}", f"folder {path.parent} does not exist", "create it or choose another")
     if not os.access(path.parent, os.W_OK):
         raise UserError(f"cannot write {path}", f"folder {path.parent} is not writable", "choose another output")
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
     try:
-        writer = sitk.ImageFileWriter()
-        writer.SetFileName(tmp)
-        writer.SetUseCompression(compress)
-        writer.SetCompressionLevel(1)  # NRRD/MHA: 7x faster than the default for 1% larger files; NIfTI ignores it
-        writer.Execute(image)
-        give_default_permissions(tmp)
-        os.replace(tmp, path)
+        with replacing(path) as temporary:
+            writer = sitk.ImageFileWriter()
+            writer.SetFileName(str(temporary))
+            writer.SetUseCompression(compress)
+            writer.SetCompressionLevel(1)  # NRRD/MHA: 7x faster than the default, 1% larger; NIfTI ignores it
+            writer.Execute(image)
     except RuntimeError as exc:
         raise UserError(f"cannot write {path}", _first_line(exc), "check the file name and free disk space") from None
+
+
+def hidden_twin(path: Path) -> Path:
+    """A new, empty hidden file beside ``path`` with the same extension (which picks the file format)."""
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    stem = path.name[: -len(suffix)] if suffix else path.name
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{stem}-partial-", suffix=suffix)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Write into the yielded hidden file; on success it replaces ``path``, on any failure it vanishes."""
+    temporary = hidden_twin(Path(path))
+    try:
+        yield temporary
+        give_default_permissions(temporary)
+        os.replace(temporary, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
 
 
 def give_default_permissions(path: str | Path) -> None:

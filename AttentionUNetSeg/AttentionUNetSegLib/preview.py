@@ -8,8 +8,6 @@ it never touches a GUI backend (inside Slicer neither).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import geometry
-from .imageio import PANCREAS_SEGMENT, give_default_permissions
+from .imageio import PANCREAS_SEGMENT, replacing
 
 ABDOMEN_WINDOW_HU = (-160.0, 240.0)  # level 40, width 400
 MAX_PIXELS_PER_SIDE = 512
@@ -139,13 +137,7 @@ def _pixels(image: sitk.Image, plane: sitk.Image, axis: int, interpolator, defau
 
 
 def _save(figure, path: Path) -> Path:
-    """Write through a temporary file so ``path`` is either the whole PNG or untouched."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
-    os.close(fd)
-    try:
+    """``path`` ends up either the whole PNG or untouched."""
+    with replacing(path) as temporary:
         figure.savefig(temporary, format="png", facecolor=figure.get_facecolor())
-        give_default_permissions(temporary)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
     return path

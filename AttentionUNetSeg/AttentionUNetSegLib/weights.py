@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import WeightsError
-from .imageio import give_default_permissions
+from .imageio import replacing
 from .network import AttentionUNet3D, NetworkConfig
 
 METADATA_KEY = "attention_unet_seg"
@@ -100,15 +99,8 @@ def save_model(network: AttentionUNet3D, spec: ModelSpec, path: str | Path) -> s
 
 def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        give_default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as temporary:
+        temporary.write_bytes(data)
 
 
 def read_spec(path: str | Path) -> ModelSpec:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -18,16 +16,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import UserError
+from ..imageio import replacing
+from ..locations import labelmaps_dir
 
-REPOSITORY = Path(__file__).resolve().parents[3]
 WINDOW_HU = (-200, 300)
-
-
-def default_labelmaps_dir() -> Path:
-    if os.environ.get("ATTENTION_UNET_SEG_LABELMAPS"):
-        return Path(os.environ["ATTENTION_UNET_SEG_LABELMAPS"])
-    shared = Path(os.environ.get("ATTENTION_UNET_SEG_SHARED", REPOSITORY.parent / "shared"))
-    return shared / "labelmaps"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{existing[0]} already exists", "an earlier run wrote there",
                         "pass --overwrite or choose another --output-dir")
 
-    entries = labelmap_catalog(args.labelmaps or default_labelmaps_dir())
+    entries = labelmap_catalog(args.labelmaps or labelmaps_dir())
     generator = SyntheticCTGenerator(entries, spacing_mm=(args.spacing,) * 3, seed=args.seed)
     cases = []
     for index in range(args.count):
@@ -99,8 +91,10 @@ def write_cases(cases, folder: Path) -> None:
             "noise_hu": round(case.look.noise_hu, 1),
             "slice_thickness_mm": round(case.look.slice_thickness_mm, 1),
         })
-    _replace_atomically(folder / "cases.csv", lambda path: _write_csv(rows, path))
-    _replace_atomically(folder / "montage.png", lambda path: write_montage(cases, path))
+    with replacing(folder / "cases.csv") as path:
+        _write_csv(rows, path)
+    with replacing(folder / "montage.png") as path:
+        write_montage(cases, path)
 
 
 def as_image(array: np.ndarray, spacing_mm) -> sitk.Image:
@@ -114,20 +108,6 @@ def _write_csv(rows, path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-
-
-def _replace_atomically(path: Path, write) -> None:
-    from ..imageio import give_default_permissions
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        give_default_permissions(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_montage(cases, path: Path) -> None:
