@@ -89,13 +89,24 @@ def test_attention_is_float32_in_unit_range_on_the_input_grid(small_run, small_c
 
 def test_attention_maps_folder_holds_every_map_on_the_input_grid(small_run, small_ct):
     out, _ = small_run
-    written = {p.name[: -len(".nii.gz")]: sitk.ReadImage(str(p)) for p in (out / "maps").glob("*.nii.gz")}
+    written = {p.name[: -len(".nrrd")]: sitk.ReadImage(str(p)) for p in (out / "maps").glob("*.nrrd")}
     assert set(written) == ATTENTION_NAMES
     ct = sitk.ReadImage(str(small_ct))
     assert all(same_grid(image, ct) for image in written.values())
     combined = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "attention.nii.gz")))
     assert np.array_equal(sitk.GetArrayViewFromImage(written["combined"]), combined)
     assert not np.array_equal(sitk.GetArrayViewFromImage(written["level2_gate1"]), combined)
+
+
+def test_map_names_choose_the_maps_written(small_ct, tiny_model, tmp_path):
+    result = run_cli("segment", small_ct, "-o", tmp_path / "p.nii.gz", "--attention-maps", tmp_path / "maps",
+                     "--map-names", "combined,level3", "--weights", tiny_model, "--progress", "none")
+    assert result.returncode == 0
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["combined.nrrd", "level3.nrrd"]
+    result = run_cli("segment", small_ct, "-o", tmp_path / "q.nii.gz", "--attention-maps", tmp_path / "maps2",
+                     "--map-names", "level9", "--weights", tiny_model, "--progress", "none")
+    assert result.returncode == 2 and "no attention map named level9" in result.stderr
+    assert not (tmp_path / "q.nii.gz").exists()
 
 
 def test_progress_lines_go_to_stdout_and_reach_one(small_run):

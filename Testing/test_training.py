@@ -14,7 +14,8 @@ from AttentionUNetSegLib.engine import Segmenter
 from AttentionUNetSegLib.locations import REPOSITORY
 from AttentionUNetSegLib.training.config import DataSource, TrainingConfig
 from AttentionUNetSegLib.training.data import RealCases, sample_patch, source_pairs
-from AttentionUNetSegLib.training.loop import train
+from AttentionUNetSegLib.network import AttentionUNet3D, NetworkConfig
+from AttentionUNetSegLib.training.loop import recalibrate_batchnorm, train
 from AttentionUNetSegLib.weights import load_model
 
 BUNDLED_CONFIG = REPOSITORY / "AttentionUNetSeg" / "Resources" / "Models" / "pancreas_attention_unet.train.yaml"
@@ -115,10 +116,31 @@ def test_metrics_on_known_shapes():
 
 
 def test_evaluation_writes_tables_and_montage(tiny_model, data_dir, tmp_path):
-    cases = [c for c in shared_cases(data_dir) if c[0] == "ts-abdomen-3mm-crop"]
+    cases = [c for c in shared_cases(data_dir) if c.name == "ts-abdomen-3mm-crop"]
     scores = evaluate(Segmenter(tiny_model), cases, tmp_path)
     assert [s.case for s in scores] == ["ts-abdomen-3mm-crop"] and scores[0].in_training == "no"
     assert scores[0].reference_ml == pytest.approx(17.4, abs=0.3)  # the README's 17.4 mL label
     table = (tmp_path / "evaluation.md").read_text()
     assert "ts-abdomen-3mm-crop" in table and "| mean |" in table
     assert (tmp_path / "evaluation.png").stat().st_size > 10_000
+
+
+def test_batchnorm_recalibration_makes_eval_mode_match_the_batches_seen():
+    """Stale running statistics (as after fast training) make eval mode differ; recalibration repairs it."""
+    import torch
+
+    torch.manual_seed(0)
+    network = AttentionUNet3D(NetworkConfig(feature_scale=16))
+    for module in network.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.running_mean.fill_(3.0)
+            module.running_var.fill_(0.01)
+    x = torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        in_training_mode = network.train()(x)
+        stale = network.eval()(x)
+        recalibrate_batchnorm(network, [x])
+        recalibrated = network.eval()(x)
+    # Left over: only the unbiased variance estimate on the few voxels of the deepest level.
+    assert (recalibrated - in_training_mode).abs().max() < 0.05 * (stale - in_training_mode).abs().max()
+    assert all(m.momentum == 0.1 for m in network.modules() if isinstance(m, torch.nn.BatchNorm3d))

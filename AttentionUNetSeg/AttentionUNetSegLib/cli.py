@@ -103,7 +103,9 @@ def _add_segment(commands) -> None:
                         help=f"label map to write ({', '.join(LABEL_SUFFIXES)})")
     parser.add_argument("--attention", type=Path, help="combined attention map to write (float32 in [0, 1])")
     parser.add_argument("--attention-maps", type=Path, metavar="DIR",
-                        help="folder to write every attention map into (combined, per level, per gate)")
+                        help="folder to write attention maps into as NAME.nrrd (all maps unless --map-names)")
+    parser.add_argument("--map-names", metavar="NAMES",
+                        help="comma-separated maps for --attention-maps, e.g. combined,level2,level3,level4")
     add_model_arguments(parser)
     parser.set_defaults(run=run_segment)
 
@@ -138,11 +140,20 @@ def run_segment(args: argparse.Namespace) -> int:
     if attention_path:
         writers[attention_path] = image_writer(result.attention)
     if maps_dir:
-        for name in result.attention_names:
-            writers[maps_dir / f"{name}.nii.gz"] = image_writer(result.attention_map(name))
+        for name in _map_names(args.map_names, result.attention_names):
+            writers[maps_dir / f"{name}.nrrd"] = image_writer(result.attention_map(name))
     write_outputs(writers)
     print(summary_line(result, time.perf_counter() - started), flush=True)
     return 0
+
+
+def _map_names(requested: str | None, available: list[str]) -> list[str]:
+    names = [n.strip() for n in requested.split(",") if n.strip()] if requested else available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise UserError(f"no attention map named {', '.join(unknown)}", f"this model has {', '.join(available)}",
+                        "choose from those with --map-names")
+    return names
 
 
 def run_info(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import csv
 import math
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class CaseScore:
     reference_ml: float
     volume_difference_pct: float
     in_training: str
+    labels: str  # who made the reference: "silver" (a model) or "manual" (experts)
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
@@ -69,16 +71,65 @@ def reference_on_grid(label_path: Path, image: sitk.Image, values=(1,)) -> np.nd
     return sitk.GetArrayFromImage(on_grid)
 
 
-def shared_cases(data_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(name, CT file or DICOM folder, pancreas label) for each case of the shared data folder."""
+@dataclass
+class Case:
+    """A named CT and its reference, loaded only when scored."""
+
+    name: str
+    load: Callable[[], tuple[sitk.Image, np.ndarray]]
+    labels: str
+
+
+def file_case(name: str, image_path: Path, label_path: Path, labels: str) -> Case:
+    from .imageio import read_image
+
+    def load():
+        image = read_image(image_path)
+        return image, reference_on_grid(label_path, image)
+
+    return Case(name, load, labels)
+
+
+def shared_cases(data_dir: Path) -> list[Case]:
+    """The cases of the shared data folder (CT file or DICOM folder, pancreas label made by TotalSegmentator)."""
     cases = []
     for folder in sorted(p for p in data_dir.iterdir() if (p / "pancreas.nii.gz").is_file()):
         image = folder / "ct.nii.gz" if (folder / "ct.nii.gz").is_file() else folder / "dicom"
-        cases.append((folder.name, image, folder / "pancreas.nii.gz"))
+        cases.append(file_case(folder.name, image, folder / "pancreas.nii.gz", "silver"))
     return cases
 
 
-def score_case(name, result, image, reference: np.ndarray, trained_on: set[str]) -> CaseScore:
+def held_out_label_maps() -> list:
+    """Label maps of the patients that training holds out (the split of the default training settings)."""
+    from .locations import labelmaps_dir
+    from .synthesis.catalog import labelmap_catalog, split_by_patient
+    from .training.config import TrainingConfig
+
+    defaults = TrainingConfig()
+    return split_by_patient(labelmap_catalog(labelmaps_dir()), defaults.validation_fraction, defaults.seed)[1]
+
+
+def synthetic_cases(entries, count: int, spacing_mm, seed: int) -> list[Case]:
+    """Synthetic CT made from the given label maps; the reference is the map's own pancreas."""
+    from .synthesis.generator import SyntheticCTGenerator
+
+    generator = SyntheticCTGenerator(entries, spacing_mm=spacing_mm, seed=seed)
+    rng = np.random.default_rng(seed)
+    cases = []
+    for index in range(count):
+        sample = generator.sample_case(rng)
+
+        def load(sample=sample):
+            image = sitk.GetImageFromArray(sample.image)
+            image.SetSpacing(tuple(float(s) for s in spacing_mm))
+            return image, sample.pancreas
+
+        labels = "manual" if sample.host.manual else "silver"
+        cases.append(Case(f"synthetic-{index}-{sample.host.patient}-{sample.look.phase}", load, labels))
+    return cases
+
+
+def score_case(name, result, image, reference: np.ndarray, trained_on: set[str], labels: str) -> CaseScore:
     prediction = sitk.GetArrayViewFromImage(result.mask) > 0
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     reference_ml = float(reference.sum()) * voxel_ml
@@ -93,26 +144,25 @@ def score_case(name, result, image, reference: np.ndarray, trained_on: set[str])
         volume_difference_pct=round(100.0 * (result.volume_ml - reference_ml) / reference_ml, 1) if reference_ml else
         math.nan,
         in_training="yes" if name in trained_on else "no",
+        labels=labels,
     )
 
 
 def evaluate(segmenter, cases, output_dir: Path) -> list[CaseScore]:
     """Segment every case, score it, and write CSV, markdown and a PNG montage into ``output_dir``."""
-    from .imageio import read_image
     from .preview import render_overlays
 
     output_dir.mkdir(parents=True, exist_ok=True)
     trained_on = set(segmenter.model.spec.training.get("real_cases", []))
     scores, panels = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, image_path, label_path in cases:
-            image = read_image(image_path)
-            reference = reference_on_grid(label_path, image)
+        for case in cases:
+            image, reference = case.load()
             result = segmenter.segment(image)
-            score = score_case(name, result, image, reference, trained_on)
+            score = score_case(case.name, result, image, reference, trained_on, case.labels)
             scores.append(score)
-            panels.append(render_overlays(image, result.mask, result.attention, Path(tmp) / f"{name}.png",
-                                          title=f"{name}: Dice {score.dice:.3f}, {score.volume_ml:.1f} mL "
+            panels.append(render_overlays(image, result.mask, result.attention, Path(tmp) / f"{case.name}.png",
+                                          title=f"{case.name}: Dice {score.dice:.3f}, {score.volume_ml:.1f} mL "
                                                 f"(reference {score.reference_ml:.1f} mL)"))
         _montage(panels, output_dir / "evaluation.png")
     _write_tables(scores, output_dir)
@@ -137,7 +187,7 @@ def _montage(panels: list[Path], path: Path) -> None:
 
 def _write_tables(scores: list[CaseScore], output_dir: Path) -> None:
     rows = [asdict(s) for s in scores]
-    overall = {"case": "mean", "in_training": ""}
+    overall = {"case": "mean", "in_training": "", "labels": ""}
     for key in ("dice", "hd95_mm", "surface_dice_2mm", "volume_difference_pct"):
         values = [r[key] for r in rows if not math.isnan(r[key])]
         overall[key] = round(float(np.mean(values)), 4) if values else math.nan
@@ -157,6 +207,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a CT (file or DICOM folder) and its label map, label 1 = pancreas; repeatable")
     parser.add_argument("--data-dir", help="a folder of cases (CASE/ct.nii.gz or CASE/dicom, CASE/pancreas.nii.gz);"
                         " default: the shared data folder")
+    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
+                        help="also score N synthetic CTs made from label maps of patients held out from training")
+    parser.add_argument("--labels", choices=("silver", "manual"), default="manual",
+                        help="who made the --pairs labels (reported in the table; default: manual)")
     parser.add_argument("--output-dir", default="output/evaluation", help="where the tables and montage go")
     parser.add_argument("--weights", help="model file (default: the bundled model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -168,16 +222,22 @@ def run(args: argparse.Namespace) -> int:
     from .locations import shared_data_dir
 
     if args.pairs:
-        cases = [(Path(i).parent.name if Path(i).name in ("ct.nii.gz", "dicom") else Path(i).name, Path(i), Path(lbl))
-                 for i, lbl in args.pairs]
+        cases = [file_case(_case_name(Path(i)), Path(i), Path(lbl), args.labels) for i, lbl in args.pairs]
     else:
         data_dir = Path(args.data_dir) if args.data_dir else shared_data_dir()
         cases = shared_cases(data_dir) if data_dir.is_dir() else []
+    segmenter = Segmenter(args.weights, SegmentationOptions(device=args.device))
+    if args.synthetic:
+        cases += synthetic_cases(held_out_label_maps(), args.synthetic, segmenter.model.spec.spacing_mm, seed=1234)
     if not cases:
         raise UserError("no cases to evaluate", "no --pairs given and no cases in the data folder",
-                        "pass --pairs IMAGE LABEL or --data-dir")
-    segmenter = Segmenter(args.weights, SegmentationOptions(device=args.device))
+                        "pass --pairs IMAGE LABEL, --data-dir or --synthetic N")
     scores = evaluate(segmenter, cases, Path(args.output_dir))
     print((Path(args.output_dir) / "evaluation.md").read_text(), end="")
     print(f"written: {Path(args.output_dir) / 'evaluation.csv'}, {Path(args.output_dir) / 'evaluation.png'}")
     return 0 if scores else 1
+
+
+def _case_name(image: Path) -> str:
+    """The case folder for ``CASE/ct.nii.gz`` or ``CASE/dicom``, else the file name."""
+    return image.parent.name if image.name in ("ct.nii.gz", "dicom") else image.name

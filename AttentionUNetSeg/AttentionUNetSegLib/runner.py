@@ -95,7 +95,8 @@ def segment_command(python: str, input_path: Path, output_path: Path, maps_dir: 
     if quality not in QUALITY_CHOICES:
         raise ValueError(f"quality must be one of {QUALITY_CHOICES}, not {quality!r}")
     command = [python, "-m", "AttentionUNetSegLib.cli", "segment", str(input_path), "-o", str(output_path),
-               "--attention-maps", str(maps_dir), "--progress", "lines", "--device", device]
+               "--attention-maps", str(maps_dir), "--map-names", ",".join(ATTENTION_MAP_CHOICES),
+               "--progress", "lines", "--device", device]
     if quality == "fast":
         command.append("--fast")
     if weights is not None:
@@ -307,7 +308,7 @@ class SegmentationRun:
 
         mask = sitk.ReadImage(str(self._output_path))
         # A model with fewer gate levels writes fewer maps; "combined" is always there.
-        files = {name: self._maps_dir / f"{name}.nii.gz" for name in ATTENTION_MAP_CHOICES}
+        files = {name: self._maps_dir / f"{name}.nrrd" for name in ATTENTION_MAP_CHOICES}
         maps = {name: sitk.ReadImage(str(path)) for name, path in files.items() if path.is_file()}
         outputs = mrml_bridge.import_result(self.scene, self.volume_node, mask, maps, self.segmentation_node)
         device = self.summary.group("device") if self.summary else self.device

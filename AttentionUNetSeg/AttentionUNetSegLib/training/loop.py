@@ -15,13 +15,14 @@ import torch
 from tqdm import tqdm
 
 from ..engine import SegmentationOptions, Segmenter, autocast_dtype, normalise_hu
-from ..evaluation import dice
+from ..evaluation import dice, file_case, synthetic_cases
 from ..network import AttentionUNet3D
 from ..weights import LoadedModel, ModelSpec, load_model, save_model
 from .config import TrainingConfig, resolve_path
-from .data import build_sources, load_pair, sample_patch
+from .data import build_sources, sample_patch
 
 LOG_FIELDS = ["step", "loss", "learning_rate", "seconds", "validation"]
+BATCHNORM_BATCHES = 24
 
 
 def train(config: TrainingConfig, resume: bool = False, show_progress: bool = True) -> Path:
@@ -65,6 +66,10 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
             row = {"step": step + 1, "loss": round(loss.item(), 5),
                    "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1)}
             done = step + 1
+            if done % config.checkpoint_every == 0 or done % config.validate_every == 0 or done == config.steps:
+                batches = [_batch(sources, probabilities, patch, rng, config)[0].to(
+                    device, memory_format=torch.channels_last_3d) for _ in range(BATCHNORM_BATCHES)]
+                recalibrate_batchnorm(network, batches, low_precision)
             if done % config.validate_every == 0 or done == config.steps:
                 scores = _validate(network, config, validation)
                 row["validation"] = json.dumps(scores)
@@ -81,6 +86,29 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
             getattr(source, "close", lambda: None)()
     plot_curves(out)
     return out / "last.safetensors"
+
+
+def recalibrate_batchnorm(network, batches, low_precision=None) -> None:
+    """Set batch-norm running statistics to the plain average over fresh batches, with the current weights.
+
+    During training they are a moving average over weights that keep changing; at a high learning rate
+    they lag so far behind that the network in eval mode predicted no pancreas at all (measured: Dice 0
+    before, 0.36 after recalibrating at step 200).
+    """
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    network.train()
+    device = next(network.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, dtype=low_precision, enabled=low_precision is not None):
+        for batch in batches:
+            network(batch)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
 
 
 def _label_map_split(config: TrainingConfig):
@@ -157,35 +185,20 @@ def _batch(sources, probabilities, patch, rng, config: TrainingConfig):
 
 def _validation_cases(config: TrainingConfig, validation_entries) -> list[tuple[str, sitk.Image, np.ndarray]]:
     """Real CT (named in the config) plus a few synthetic volumes from held-out patients' label maps."""
-    cases = []
-    for image_path, label_path in config.validation_pairs:
-        case = load_pair(resolve_path(image_path), resolve_path(label_path), config.spacing_mm)
-        image = sitk.GetImageFromArray(case.ct)
-        cases.append((f"real:{Path(image_path).parent.name}", image, case.pancreas))
+    cases = [file_case(f"real:{Path(i).parent.name}", resolve_path(i), resolve_path(lbl), "silver")
+             for i, lbl in config.validation_pairs]
     if validation_entries:
-        from ..synthesis.generator import SyntheticCTGenerator
-
-        generator = SyntheticCTGenerator(validation_entries, spacing_mm=config.spacing_mm, seed=config.seed + 1)
-        rng = np.random.default_rng(config.seed + 1)
-        for index in range(4):
-            ct, pancreas = generator.sample(rng)
-            image = sitk.GetImageFromArray(ct)
-            image.SetSpacing(config.spacing_mm)
-            cases.append((f"synthetic:{index}", image, pancreas))
-    for _, image, _ in cases:
-        image.SetSpacing(config.spacing_mm)
-    return cases
+        cases += synthetic_cases(validation_entries, 4, config.spacing_mm, seed=config.seed + 1)
+    return [(case.name, *case.load()) for case in cases]
 
 
 def _validate(network, config: TrainingConfig, cases) -> dict[str, float]:
-    """Dice of whole-volume inference through the engine, as users will run it."""
+    """Dice of whole-volume inference through the engine on each case's own grid, as users will run it."""
     network.eval()
     model = LoadedModel(spec=_spec(config, 0, {}), network=network, path=Path("training"), sha256="")
     segmenter = Segmenter(model, SegmentationOptions())
-    scores = {}
-    for name, image, truth in cases:
-        result = segmenter.segment(image)
-        scores[name] = round(dice(sitk.GetArrayViewFromImage(result.mask), truth), 4)
+    scores = {name: round(dice(sitk.GetArrayViewFromImage(segmenter.segment(image).mask), truth), 4)
+              for name, image, truth in cases}
     scores["mean"] = round(float(np.mean(list(scores.values()))), 4) if scores else 0.0
     return scores
 
