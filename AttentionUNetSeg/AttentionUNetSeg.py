@@ -18,7 +18,7 @@ import numpy as np
 import qt
 import slicer
 import vtk
-from AttentionUNetSegLib import runner
+from AttentionUNetSegLib import locations, runner
 from AttentionUNetSegLib.errors import Cancelled, UserError
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -55,7 +55,7 @@ class AttentionUNetSeg(ScriptedLoadableModule):
 
 
 def helpText() -> str:
-    card = runner.model_card_path()
+    card = locations.model_card_path()
     model = (
         runner.model_card_summary_html(card.read_text(encoding="utf-8"))
         if card.is_file()

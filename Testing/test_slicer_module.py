@@ -315,14 +315,6 @@ def test_help_text_shows_the_model_card_summary_escaped():
     assert "Details" not in html
 
 
-def test_model_card_is_looked_up_where_the_weights_module_keeps_it(monkeypatch, tmp_path):
-    from AttentionUNetSegLib import weights
-
-    assert runner.model_card_path() == weights.models_dir() / weights.MODEL_CARD_NAME
-    monkeypatch.setenv("ATTENTION_UNET_SEG_MODELS", str(tmp_path))
-    assert runner.model_card_path() == weights.models_dir() / weights.MODEL_CARD_NAME
-
-
 # --- the child-process protocol ------------------------------------------------------------------------
 
 

@@ -20,3 +20,13 @@ def shared_data_dir() -> Path:
 
 def labelmaps_dir() -> Path:
     return Path(os.environ.get("ATTENTION_UNET_SEG_LABELMAPS", shared_dir() / "labelmaps"))
+
+
+def models_dir() -> Path:
+    """Bundled models: ``Resources/Models`` beside the Lib, in a clone and in a Slicer install alike."""
+    override = os.environ.get("ATTENTION_UNET_SEG_MODELS")
+    return Path(override) if override else Path(__file__).resolve().parent.parent / "Resources" / "Models"
+
+
+def model_card_path() -> Path:
+    return models_dir() / "MODEL_CARD.md"

@@ -374,13 +374,6 @@ def set_attention_colour_map(scene, attention_node, label: str) -> None:
     attention_node.GetDisplayNode().SetAndObserveColorNodeID(node_id)
 
 
-def model_card_path() -> Path:
-    """Where ``weights.model_card_text`` reads the card (same rule, without importing torch)."""
-    override = os.environ.get("ATTENTION_UNET_SEG_MODELS")
-    models = Path(override) if override else Path(__file__).resolve().parent.parent / "Resources" / "Models"
-    return models / "MODEL_CARD.md"
-
-
 def model_card_summary_html(card: str) -> str:
     """The card's first paragraph and its limitations section, as HTML for the module's help text."""
     sections: list[tuple[str, list[str]]] = [("", [])]

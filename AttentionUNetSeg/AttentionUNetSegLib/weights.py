@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,12 +18,12 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import WeightsError
 from .imageio import replacing
+from .locations import model_card_path, models_dir
 from .network import AttentionUNet3D, NetworkConfig
 
 METADATA_KEY = "attention_unet_seg"
 FORMAT_VERSION = 1
 BUNDLED_MODEL_NAME = "pancreas_attention_unet.safetensors"
-MODEL_CARD_NAME = "MODEL_CARD.md"
 
 
 @dataclass(frozen=True)
@@ -66,12 +65,6 @@ class LoadedModel:
     network: AttentionUNet3D
     path: Path
     sha256: str
-
-
-def models_dir() -> Path:
-    """Where bundled models live: ``Resources/Models`` beside the Lib (source tree and Slicer install)."""
-    override = os.environ.get("ATTENTION_UNET_SEG_MODELS")
-    return Path(override) if override else Path(__file__).resolve().parent.parent / "Resources" / "Models"
 
 
 def bundled_model_path() -> Path:
@@ -174,5 +167,5 @@ def _safetensors_metadata(data: bytes) -> dict:
 
 
 def model_card_text() -> str:
-    card = models_dir() / MODEL_CARD_NAME
+    card = model_card_path()
     return card.read_text(encoding="utf-8") if card.is_file() else ""
