@@ -280,6 +280,7 @@ def test_page_shows_the_ct_in_slicer_views_with_the_abdomen_window(page_with_ct)
     bone = axial.mean(axis=-1) > 240  # white in the abdomen window: the spine, at the bottom (posterior) as in Slicer
     rows = axial.shape[0]
     assert bone[rows // 2 :].sum() > 5 * bone[: rows // 2].sum()
+    assert "bone.safetensors" in page.locator(".model-version").inner_text()  # which model answers, said plainly
 
 
 def test_segment_pancreas_shows_the_segment_in_2d_and_3d_with_volume_time_and_device(page_with_ct, result):

@@ -374,19 +374,25 @@ def set_attention_colour_map(scene, attention_node, label: str) -> None:
     attention_node.GetDisplayNode().SetAndObserveColorNodeID(node_id)
 
 
-def model_card_summary_html(card: str) -> str:
-    """The card's first paragraph and its limitations section, as HTML for the module's help text."""
+def model_card_summary(card: str) -> tuple[str, str]:
+    """The card's first paragraph and its limitations section (the parts every front end shows)."""
     sections: list[tuple[str, list[str]]] = [("", [])]
     for line in card.splitlines():
         if line.startswith("#"):
             sections.append((line.lstrip("#").strip(), []))
         else:
             sections[-1][1].append(line)
-    paragraphs = [p for title, lines in sections if not title.lower().startswith(("limit",))
+    paragraphs = [p.strip() for title, lines in sections if not title.lower().startswith("limit")
                   for p in "\n".join(lines).split("\n\n") if p.strip()]
     limits = [("\n".join(lines)).strip() for title, lines in sections if title.lower().startswith("limit")]
-    parts = [f"<p>{_html_lines(paragraphs[0])}</p>"] if paragraphs else []
-    parts += [f"<p><b>Limitations:</b><br>{_html_lines(text)}</p>" for text in limits if text]
+    return (paragraphs[0] if paragraphs else ""), "\n".join(text for text in limits if text)
+
+
+def model_card_summary_html(card: str) -> str:
+    """The card's summary as HTML for the Slicer module's help text."""
+    summary, limits = model_card_summary(card)
+    parts = [f"<p>{_html_lines(summary)}</p>"] if summary else []
+    parts += [f"<p><b>Limitations:</b><br>{_html_lines(limits)}</p>"] if limits else []
     return "\n".join(parts)
 
 

@@ -19,6 +19,8 @@ from trame_slicer.utils import write_client_files_to_dir
 from .. import imageio, mrml_bridge
 from ..engine import Segmenter
 from ..errors import Cancelled, UserError
+from ..runner import model_card_summary
+from ..weights import model_card_text
 from . import ui
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ class PancreasWebApp(TrameApp):
     def __init__(self, segmenter: Segmenter, server=None):
         super().__init__(server=server)
         self.segmenter = segmenter
+        self.state.model_version = f"Model {segmenter.model.path.name} ({segmenter.model.spec.version})"
+        self.state.model_summary, self.state.model_limits = model_card_summary(model_card_text())
         self.slicer = SlicerApp()
         self.scene = self.slicer.scene
         self.ct_image: sitk.Image | None = None

@@ -66,9 +66,18 @@ def build_page(app: PancreasWebApp) -> VAppLayout:
             _ct_panel(app)
             _segment_panel(app)
             _result_panel(app)
+            _model_panel()
         with v.VMain(), FlexContainer(row=True, fill_height=True):
             app.layout_manager.initialize_layout_grid(page)
     return page
+
+
+def _model_panel() -> None:
+    """The model card's summary and limits, so the page is honest about what the model can do."""
+    with v.VCard(title="Model", variant="outlined"), v.VCardText(classes="d-flex flex-column ga-2"):
+        html.Div("{{ model_version }}", classes="model-version text-caption")
+        html.Div("{{ model_summary }}", classes="model-summary text-body-2", style="white-space: pre-line")
+        html.Div("{{ model_limits }}", classes="model-limits text-caption", style="white-space: pre-line")
 
 
 def _error_panel() -> None:
