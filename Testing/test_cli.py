@@ -198,7 +198,8 @@ def test_info_without_a_bundled_model_says_how_to_pass_one(tmp_path):
 
 
 def test_info_prints_the_bundled_model_and_its_card(tiny_model, tmp_path):
-    from AttentionUNetSegLib.weights import BUNDLED_MODEL_NAME, MODEL_CARD_NAME
+    from AttentionUNetSegLib.locations import MODEL_CARD_NAME
+    from AttentionUNetSegLib.weights import BUNDLED_MODEL_NAME
 
     shutil.copy(tiny_model, tmp_path / BUNDLED_MODEL_NAME)
     shutil.copy(f"{tiny_model}.sha256", tmp_path / f"{BUNDLED_MODEL_NAME}.sha256")

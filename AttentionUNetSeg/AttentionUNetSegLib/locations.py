@@ -28,5 +28,8 @@ def models_dir() -> Path:
     return Path(override) if override else Path(__file__).resolve().parent.parent / "Resources" / "Models"
 
 
+MODEL_CARD_NAME = "MODEL_CARD.md"
+
+
 def model_card_path() -> Path:
-    return models_dir() / "MODEL_CARD.md"
+    return models_dir() / MODEL_CARD_NAME
