@@ -173,23 +173,15 @@ def _downloads(app: PancreasWebApp) -> None:
         hide_details=True,
     )
     with html.Div(classes="d-flex ga-2"):
-        v.VBtn(
-            "Segmentation",
-            prepend_icon="mdi-download",
-            size="small",
-            classes="flex-grow-1",
-            click=DOWNLOAD.format(
-                name="${ct_name}_pancreas${segmentation_format}",
-                trigger=app.server.controller.trigger_name(app.segmentation_file),
-            ),
-        )
-        v.VBtn(
-            "Attention map",
-            prepend_icon="mdi-download",
-            size="small",
-            classes="flex-grow-1",
-            click=DOWNLOAD.format(
-                name="${ct_name}_attention_${attention_gate}.nii.gz",
-                trigger=app.server.controller.trigger_name(app.attention_file),
-            ),
-        )
+        _download_button("Segmentation", "${ct_name}_pancreas${segmentation_format}", app.segmentation_file, app)
+        _download_button("Attention map", "${ct_name}_attention_${attention_gate}.nii.gz", app.attention_file, app)
+
+
+def _download_button(label: str, file_name: str, make_file, app: PancreasWebApp) -> None:
+    v.VBtn(
+        label,
+        prepend_icon="mdi-download",
+        size="small",
+        classes="flex-grow-1",
+        click=DOWNLOAD.format(name=file_name, trigger=app.server.controller.trigger_name(make_file)),
+    )
