@@ -55,6 +55,7 @@ SLICER_REQUIREMENTS = (
     "monai>=1.3",
     "tqdm>=4.60",
     "pyyaml>=6",
+    "scipy>=1.10",
     "matplotlib>=3.7",
 )
 TERMINATE_GRACE_SECONDS = 5.0
