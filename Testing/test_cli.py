@@ -214,7 +214,7 @@ def test_demo_on_the_first_real_case_writes_three_files(data_dir, abdomen_ct, ti
     result = run_cli("demo", "--weights", tiny_model, env={"ATTENTION_UNET_SEG_DATA": str(data_dir)}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "output"  # the default output folder, relative to where the user is
-    names = ["ts-abdomen-3mm_attention.nii.gz", "ts-abdomen-3mm_pancreas.seg.nrrd", "ts-abdomen-3mm_preview.png"]
+    names = ["ts-abdomen-3mm_attention.nrrd", "ts-abdomen-3mm_pancreas.seg.nrrd", "ts-abdomen-3mm_preview.png"]
     assert sorted(p.name for p in out.iterdir()) == names
     for name in names:
         assert str(Path("output") / name) in result.stdout
