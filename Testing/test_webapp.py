@@ -279,7 +279,7 @@ def test_page_shows_the_ct_in_slicer_views_with_the_abdomen_window(page_with_ct)
     assert ct_visible(axial)
     bone = axial.mean(axis=-1) > 240  # white in the abdomen window: the spine, at the bottom (posterior) as in Slicer
     rows = axial.shape[0]
-    assert bone[rows // 2 :].sum() > 5 * bone[: rows // 2].sum()
+    assert bone[rows // 2 :].sum() > 2 * bone[: rows // 2].sum()  # a flipped view would put it on top
     assert "bone.safetensors" in page.locator(".model-version").inner_text()  # which model answers, said plainly
 
 
