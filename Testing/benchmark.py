@@ -44,7 +44,7 @@ def make_clinical_size_ct(folder: Path) -> Path:
 def benchmark_model(folder: Path, weights: str | None) -> Path:
     """The bundled model, else an untrained one of the bundled configuration (timing does not depend on values)."""
     from AttentionUNetSegLib.network import AttentionUNet3D
-    from AttentionUNetSegLib.training.config import TrainingConfig
+    from AttentionUNetSegTools.training.config import TrainingConfig
     from AttentionUNetSegLib.weights import ModelSpec, bundled_model_path, save_model
 
     if weights:
@@ -97,7 +97,7 @@ def throughput(threads: int, tile: int, tiles: int, device: str) -> dict:
 
     from AttentionUNetSegLib.engine import autocast_dtype
     from AttentionUNetSegLib.network import AttentionUNet3D
-    from AttentionUNetSegLib.training.config import TrainingConfig
+    from AttentionUNetSegTools.training.config import TrainingConfig
 
     torch.set_num_threads(threads)
     config = TrainingConfig.load(REPO / "AttentionUNetSeg/Resources/Models/pancreas_attention_unet.train.yaml")

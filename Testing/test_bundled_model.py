@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from AttentionUNetSegLib import geometry
 from AttentionUNetSegLib.engine import Segmenter
-from AttentionUNetSegLib.evaluation import dice, reference_on_grid
+from AttentionUNetSegTools.evaluation import dice, reference_on_grid
 from AttentionUNetSegLib.imageio import read_image
 from AttentionUNetSegLib.weights import bundled_model_path, load_model
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AttentionUNetSegLib import cli, demo
+from AttentionUNetSegLib import cli
+from AttentionUNetSegTools import demo
 from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegLib.imageio import PANCREAS_SEGMENT, read_image
 
@@ -322,7 +323,7 @@ def test_interrupted_run_exits_130_and_leaves_nothing(abdomen_ct, tiny_model, tm
 
 def test_preview_slices_cross_inside_a_curved_pancreas(data_dir, tmp_path):
     """The real pancreas label: all three views show it (its centroid alone lies outside it)."""
-    from AttentionUNetSegLib.preview import render_overlays
+    from AttentionUNetSegTools.preview import render_overlays
     from matplotlib.image import imread
 
     case = data_dir / "ts-abdomen-3mm"
@@ -338,7 +339,7 @@ def test_preview_slices_cross_inside_a_curved_pancreas(data_dir, tmp_path):
 
 
 def test_preview_of_an_empty_mask_centres_on_the_attention_peak(small_ct, tmp_path):
-    from AttentionUNetSegLib.preview import render_overlays
+    from AttentionUNetSegTools.preview import render_overlays
     from matplotlib.image import imread
 
     ct = sitk.ReadImage(str(small_ct), sitk.sitkFloat32)

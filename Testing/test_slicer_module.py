@@ -72,12 +72,16 @@ def cmake_set(text: str, variable: str) -> list[str]:
     return [word.strip('"') for word in re.findall(r'"[^"]*"|\S+', body)]
 
 
+TOOLS_PACKAGE = "AttentionUNetSegTools"
+
+
 def module_folder_files() -> set[str]:
-    """What the extension must install: every file of the module folder but build and test leftovers."""
+    """What the extension must install: the module folder but its tests, the tools and build leftovers."""
     files = set()
     for path in MODULE_DIR.rglob("*"):
         relative = path.relative_to(MODULE_DIR)
-        skipped = (relative.parts[0] == "Testing" or path.name == "CMakeLists.txt" or path.suffix == ".pyc"
+        skipped = (relative.parts[0] in ("Testing", TOOLS_PACKAGE) or path.name == "CMakeLists.txt"
+                   or path.suffix == ".pyc"
                    or any(part == "__pycache__" or part.endswith(".egg-info") for part in relative.parts))
         if path.is_file() and not skipped:
             files.add(relative.as_posix())
@@ -160,10 +164,19 @@ def test_index_entry_follows_the_catalog_schema_and_agrees_with_cmake():
     assert entry["scm_url"].rsplit("/", 1)[1].startswith("Slicer"), "the repository name must start with Slicer"
 
 
-def test_slicer_requirements_are_the_package_dependencies_without_torch():
-    """What the panel installs into Slicer's Python is what the package needs, never slicer-core or vtk."""
+def test_the_extension_ships_no_tool_and_the_runtime_imports_none():
+    scripts, _ = module_cmake_files()
+    assert not [s for s in scripts if s.startswith(TOOLS_PACKAGE)]
+    for path in (MODULE_DIR / "AttentionUNetSegLib").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(rf"^\s*(from|import)\s+{TOOLS_PACKAGE}", text, re.MULTILINE), path
+
+
+def test_slicer_requirements_are_the_runtime_dependencies_without_torch():
+    """What the panel installs into Slicer's Python is what the runtime needs (the child reports progress
+    in lines, so no tqdm), never slicer-core or vtk."""
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert set(runner.SLICER_REQUIREMENTS) == {d for d in dependencies if not d.startswith("torch")}
+    assert set(runner.SLICER_REQUIREMENTS) == {d for d in dependencies if not d.startswith(("torch", "tqdm"))}
     assert f"torch{runner.TORCH_REQUIREMENT}" in dependencies
     assert not any(r.lower().startswith(("slicer", "vtk")) for r in runner.SLICER_REQUIREMENTS)
 

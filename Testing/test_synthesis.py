@@ -7,13 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AttentionUNetSegLib.cli import main
+from AttentionUNetSegTools.cli import main
 from AttentionUNetSegLib.errors import UserError
-from AttentionUNetSegLib.synthesis.catalog import DUPLICATES, labelmap_catalog, split_by_patient
-from AttentionUNetSegLib.synthesis.generator import SyntheticCTGenerator
-from AttentionUNetSegLib.synthesis.intensities import PHASE_HU, PHASES
-from AttentionUNetSegLib.synthesis.shapes import back_in_front, load_tissue_map
-from AttentionUNetSegLib.synthesis.vocabulary import (
+from AttentionUNetSegTools.synthesis.catalog import DUPLICATES, labelmap_catalog, split_by_patient
+from AttentionUNetSegTools.synthesis.generator import SyntheticCTGenerator
+from AttentionUNetSegTools.synthesis.intensities import PHASE_HU, PHASES
+from AttentionUNetSegTools.synthesis.shapes import back_in_front, load_tissue_map
+from AttentionUNetSegTools.synthesis.vocabulary import (
     SYNTHETIC_TISSUES,
     TISSUE,
     TISSUES,

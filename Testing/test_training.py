@@ -9,13 +9,13 @@ import pytest
 import SimpleITK as sitk
 
 from AttentionUNetSegLib.errors import UserError
-from AttentionUNetSegLib.evaluation import dice, evaluate, shared_cases, surface_scores
+from AttentionUNetSegTools.evaluation import dice, evaluate, shared_cases, surface_scores
 from AttentionUNetSegLib.engine import Segmenter
 from AttentionUNetSegLib.locations import REPOSITORY
-from AttentionUNetSegLib.training.config import DataSource, TrainingConfig
-from AttentionUNetSegLib.training.data import RealCases, sample_patch, source_pairs
+from AttentionUNetSegTools.training.config import DataSource, TrainingConfig
+from AttentionUNetSegTools.training.data import RealCases, sample_patch, source_pairs
 from AttentionUNetSegLib.network import AttentionUNet3D, NetworkConfig
-from AttentionUNetSegLib.training.loop import recalibrate_batchnorm, train
+from AttentionUNetSegTools.training.loop import recalibrate_batchnorm, train
 from AttentionUNetSegLib.weights import load_model
 
 BUNDLED_CONFIG = REPOSITORY / "AttentionUNetSeg" / "Resources" / "Models" / "pancreas_attention_unet.train.yaml"

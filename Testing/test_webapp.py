@@ -400,7 +400,7 @@ def test_window_level_presets_and_scrolling_change_the_axial_view(page_with_ct):
 CANCEL_SCENARIO = """
 import asyncio, json, sys
 from AttentionUNetSegLib.engine import Segmenter
-from AttentionUNetSegLib.webapp.app import PancreasWebApp
+from AttentionUNetSegTools.webapp.app import PancreasWebApp
 
 async def segment_then_cancel(ct, model):
     app = PancreasWebApp(Segmenter(model))

@@ -1,4 +1,6 @@
-"""The ``attention-unet-seg`` command: ``segment``, ``info``, ``demo`` and the subcommands of other modules.
+"""The runtime's command line: ``segment`` and ``info`` (what the Slicer panel's child process runs).
+
+The ``attention-unet-seg`` console script (``AttentionUNetSegTools.cli``) adds the tools' subcommands.
 
 Every failure the user can fix ends as one ``error: ...`` line on stderr and exit status 2; Ctrl-C ends
 with 130. Outputs are written only once everything else succeeded, all of them or none.
@@ -29,22 +31,14 @@ LABEL_SUFFIXES = (".seg.nrrd", ".nrrd", ".nii.gz", ".nii")
 ATTENTION_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 PROGRESS_MODES = ("bar", "lines", "none")
 
-# Subcommands that live in their own modules, imported only when used. Each module has
-# ``add_arguments(parser)`` and ``run(args) -> int``.
-COMMAND_MODULES = {
-    "demo": ".demo",
-    "train": ".training.command",
-    "evaluate": ".evaluation",
-    "serve": ".webapp.command",
-    "synth": ".synthesis.command",
-}
-
 Writer = Callable[[Path], None]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, command_modules: dict[str, str] | None = None) -> int:
+    """Run one command. ``command_modules`` maps further subcommands to modules with
+    ``add_arguments(parser)`` and ``run(args) -> int``, imported only when used."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_command_in(argv)).parse_args(argv)
+    args = build_parser(_command_in(argv), command_modules or {}).parse_args(argv)
     with _one_line_warnings(), _terminate_as_interrupt():
         try:
             return args.run(args)
@@ -65,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, command_modules: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """The full parser. Of the module subcommands only ``command`` is imported, or all for the overview."""
     parser = argparse.ArgumentParser(
         prog="attention-unet-seg",
@@ -76,11 +70,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_segment(commands)
     _add_info(commands)
-    for name, module_name in COMMAND_MODULES.items():
+    for name, module_name in (command_modules or {}).items():
         if command not in (None, name):
             commands.add_parser(name)
             continue
-        module = importlib.import_module(module_name, __package__)
+        module = importlib.import_module(module_name)
         summary = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
         sub = commands.add_parser(name, help=summary, description=module.__doc__)
         module.add_arguments(sub)

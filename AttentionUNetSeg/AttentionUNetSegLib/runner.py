@@ -45,18 +45,14 @@ ATTENTION_COLOUR_MAPS = {
     "Hot metal blue": ("PET", "PEThotMetalBlue"),
     "Iron": ("table", "Iron"),
 }
-# What the child needs in Slicer's Python besides torch, which comes from the PyTorch extension. The same as
-# pyproject.toml's dependencies (a test checks it); never slicer-core or vtk: Slicer has its own.
+# What the child imports in Slicer's Python besides torch, which comes from the PyTorch extension: the
+# runtime's dependencies in pyproject.toml (a test checks it). Slicer bundles numpy and SimpleITK, so a
+# first run installs only safetensors; never slicer-core or vtk: Slicer has its own.
 TORCH_REQUIREMENT = ">=2.1,<3"
 SLICER_REQUIREMENTS = (
     "numpy>=1.24",
     "SimpleITK>=2.3",
     "safetensors>=0.4",
-    "monai>=1.3",
-    "tqdm>=4.60",
-    "pyyaml>=6",
-    "scipy>=1.10",
-    "matplotlib>=3.7",
 )
 TERMINATE_GRACE_SECONDS = 5.0
 STDERR_LINES_KEPT = 200

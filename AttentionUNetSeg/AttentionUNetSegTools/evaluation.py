@@ -81,7 +81,7 @@ class Case:
 
 
 def file_case(name: str, image_path: Path, label_path: Path, labels: str) -> Case:
-    from .imageio import read_image
+    from AttentionUNetSegLib.imageio import read_image
 
     def load():
         image = read_image(image_path)
@@ -101,7 +101,7 @@ def shared_cases(data_dir: Path) -> list[Case]:
 
 def held_out_label_maps() -> list:
     """Label maps of the patients that training holds out (the split of the default training settings)."""
-    from .locations import labelmaps_dir
+    from AttentionUNetSegLib.locations import labelmaps_dir
     from .synthesis.catalog import labelmap_catalog, split_by_patient
     from .training.config import TrainingConfig
 
@@ -217,9 +217,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .engine import SegmentationOptions, Segmenter
-    from .errors import UserError
-    from .locations import shared_data_dir
+    from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter
+    from AttentionUNetSegLib.errors import UserError
+    from AttentionUNetSegLib.locations import shared_data_dir
 
     if args.pairs:
         cases = [file_case(_case_name(Path(i)), Path(i), Path(lbl), args.labels) for i, lbl in args.pairs]

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .. import geometry
-from ..engine import AIR_HU
-from ..errors import UserError
-from ..imageio import read_image
+from AttentionUNetSegLib import geometry
+from AttentionUNetSegLib.engine import AIR_HU
+from AttentionUNetSegLib.errors import UserError
+from AttentionUNetSegLib.imageio import read_image
 from .config import DataSource, TrainingConfig, resolve_path
 
 IMAGE_GLOBS = ("*.nii.gz", "*.nii", "*.nrrd", "*.mha")

@@ -14,10 +14,10 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from ..engine import SegmentationOptions, Segmenter, autocast_dtype, normalise_hu
+from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter, autocast_dtype, normalise_hu
 from ..evaluation import dice, file_case, synthetic_cases
-from ..network import AttentionUNet3D
-from ..weights import LoadedModel, ModelSpec, load_model, save_model
+from AttentionUNetSegLib.network import AttentionUNet3D
+from AttentionUNetSegLib.weights import LoadedModel, ModelSpec, load_model, save_model
 from .config import TrainingConfig, resolve_path
 from .data import build_sources, sample_patch
 

@@ -16,11 +16,11 @@ from trame_slicer.core import LayoutManager, SlicerApp, VolumeWindowLevel
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.utils import write_client_files_to_dir
 
-from .. import imageio, mrml_bridge
-from ..engine import Segmenter
-from ..errors import Cancelled, UserError
-from ..runner import model_card_summary
-from ..weights import model_card_text
+from AttentionUNetSegLib import imageio, mrml_bridge
+from AttentionUNetSegLib.engine import Segmenter
+from AttentionUNetSegLib.errors import Cancelled, UserError
+from AttentionUNetSegLib.runner import model_card_summary
+from AttentionUNetSegLib.weights import model_card_text
 from . import ui
 
 logger = logging.getLogger(__name__)

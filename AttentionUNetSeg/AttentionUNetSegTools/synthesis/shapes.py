@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..geometry import canonical_grid, resample_like
+from AttentionUNetSegLib.geometry import canonical_grid, resample_like
 from .catalog import LabelMapEntry
 from .noise import smooth_noise
 from .vocabulary import TISSUE, read_label_table, tissue_lookup

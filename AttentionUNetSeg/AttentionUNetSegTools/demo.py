@@ -17,8 +17,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import imageio
-from .cli import (
+from AttentionUNetSegLib import imageio
+from AttentionUNetSegLib.cli import (
     add_model_arguments,
     check_output_folder,
     image_writer,
@@ -29,8 +29,8 @@ from .cli import (
     summary_line,
     write_outputs,
 )
-from .errors import UserError
-from .locations import shared_data_dir
+from AttentionUNetSegLib.errors import UserError
+from AttentionUNetSegLib.locations import shared_data_dir
 
 LABEL_FORMATS = ("seg.nrrd", "nii.gz")
 DOWNLOAD_TIMEOUT_S = 60

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import UserError
-from ..imageio import replacing
-from ..locations import labelmaps_dir
+from AttentionUNetSegLib.errors import UserError
+from AttentionUNetSegLib.imageio import replacing
+from AttentionUNetSegLib.locations import labelmaps_dir
 
 WINDOW_HU = (-200, 300)
 
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import check_output_folder
+    from AttentionUNetSegLib.cli import check_output_folder
     from .catalog import labelmap_catalog
     from .generator import SyntheticCTGenerator
 
@@ -74,7 +74,7 @@ def describe(case) -> str:
 
 
 def write_cases(cases, folder: Path) -> None:
-    from ..imageio import write_image
+    from AttentionUNetSegLib.imageio import write_image
 
     rows = []
     for index, case in enumerate(cases):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from AttentionUNetSegLib.errors import UserError
 
 # Tissues that label maps name. Id 0 is "nothing labelled here".
 LABELLED_TISSUES = (

@@ -13,7 +13,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..errors import UserError
+from AttentionUNetSegLib.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import load_segmenter, read_ct
+    from AttentionUNetSegLib.cli import load_segmenter, read_ct
 
     if not os.environ.get("DISPLAY"):
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # offscreen views, no X server

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import UserError
-from ..locations import REPOSITORY, shared_dir
-from ..network import NetworkConfig
+from AttentionUNetSegLib.errors import UserError
+from AttentionUNetSegLib.locations import REPOSITORY, shared_dir
+from AttentionUNetSegLib.network import NetworkConfig
 
 
 @dataclass

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from . import geometry
-from .imageio import PANCREAS_SEGMENT, replacing
+from AttentionUNetSegLib import geometry
+from AttentionUNetSegLib.imageio import PANCREAS_SEGMENT, replacing
 
 ABDOMEN_WINDOW_HU = (-160.0, 240.0)  # level 40, width 400
 MAX_PIXELS_PER_SIDE = 512

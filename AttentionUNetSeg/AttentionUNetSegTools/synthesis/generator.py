@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from AttentionUNetSegLib.errors import UserError
 from .anatomy import add_body
 from .catalog import LabelMapEntry
 from .intensities import Appearance, draw_appearance, render
