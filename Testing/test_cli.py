@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -14,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AttentionUNetSegLib import cli
-from AttentionUNetSegTools import demo
+from AttentionUNetSegLib import cli, outputs
+from AttentionUNetSegLib.engine import ATTENTION_MAP_NAMES, ATTENTION_SCALE
 from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegLib.imageio import PANCREAS_SEGMENT, read_image
+from AttentionUNetSegTools import demo
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("attention-unet-seg")
-ATTENTION_NAMES = {
-    "combined", *(f"level{k}" for k in (2, 3, 4)), *(f"level{k}_gate{g}" for k in (2, 3, 4) for g in (1, 2)),
-}
+SUMMARY = re.compile(r"^Pancreas (?P<ml>[0-9.]+) mL; (?P<verdict>ok .*|check: .*); [0-9.]+ s on cpu$"
+                     r"|^No pancreas found; [0-9.]+ s on cpu$")
 
 
 def run_cli(*args, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -41,7 +42,9 @@ def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
 
 
 def reported_volume_ml(stdout: str) -> float:
-    return float(re.search(r"Pancreas ([0-9.]+) mL; [0-9.]+ s on cpu", stdout).group(1))
+    match = SUMMARY.match(stdout.strip().splitlines()[-1])
+    assert match, stdout
+    return float(match.group("ml") or 0)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,8 @@ def small_run(small_ct, tiny_model, tmp_path_factory):
     """One segmentation of the small real CT with every output, progress as PROGRESS lines."""
     out = tmp_path_factory.mktemp("small_run")
     result = run_cli("segment", small_ct, "-o", out / "pancreas.nii.gz", "--attention", out / "attention.nii.gz",
-                     "--attention-maps", out / "maps", "--weights", tiny_model, "--progress", "lines")
+                     "--attention-maps", out / "maps", "--report", out / "report.json", "--weights", tiny_model,
+                     "--progress", "lines")
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -91,12 +95,27 @@ def test_attention_is_float32_in_unit_range_on_the_input_grid(small_run, small_c
 def test_attention_maps_folder_holds_every_map_on_the_input_grid(small_run, small_ct):
     out, _ = small_run
     written = {p.name[: -len(".nrrd")]: sitk.ReadImage(str(p)) for p in (out / "maps").glob("*.nrrd")}
-    assert set(written) == ATTENTION_NAMES
+    assert set(written) == set(ATTENTION_MAP_NAMES)
     ct = sitk.ReadImage(str(small_ct))
     assert all(same_grid(image, ct) for image in written.values())
     combined = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "attention.nii.gz")))
     assert np.array_equal(sitk.GetArrayViewFromImage(written["combined"]), combined)
-    assert not np.array_equal(sitk.GetArrayViewFromImage(written["level2_gate1"]), combined)
+    assert not np.array_equal(sitk.GetArrayViewFromImage(written["level2"]), combined)
+
+
+def test_report_holds_the_volume_verdict_time_device_and_model(small_run, tiny_model):
+    out, result = small_run
+    report = json.loads((out / "report.json").read_text())
+    assert tuple(report) == outputs.REPORT_KEYS
+    label = sitk.ReadImage(str(out / "pancreas.nii.gz"))
+    volume_ml = np.count_nonzero(sitk.GetArrayViewFromImage(label)) * np.prod(label.GetSpacing()) / 1000
+    assert report["volume_ml"] == pytest.approx(volume_ml, abs=0.01)
+    assert report["qc"] in ("ok", "check", "not found") and 0 <= report["confidence"] <= 1
+    assert (report["reason"] == "") == (report["qc"] == "ok")
+    assert report["device"] == "cpu" and report["seconds"] > 0
+    assert report["model"] == f"{Path(tiny_model).name} (test)"
+    summary = result.stdout.strip().splitlines()[-1]
+    assert (report["qc"] if report["qc"] != "not found" else "No pancreas found") in summary
 
 
 def test_map_names_choose_the_maps_written(small_ct, tiny_model, tmp_path):
@@ -159,7 +178,7 @@ def test_plain_nrrd_output_is_a_label_map(small_ct, tiny_model, tmp_path):
     assert same_grid(label, sitk.ReadImage(str(small_ct)))
     assert not label.HasMetaDataKey("Segment0_Name")
     assert result.stderr == ""
-    assert re.fullmatch(r"Pancreas [0-9.]+ mL; [0-9.]+ s on cpu\n", result.stdout)
+    assert result.stdout.count("\n") == 1 and SUMMARY.match(result.stdout.strip())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pancreas.nrrd"]  # no temporary files left
 
 
@@ -211,11 +230,12 @@ def test_info_prints_the_bundled_model_and_its_card(tiny_model, tmp_path):
     assert "Trained on nothing: a test model." in result.stdout
 
 
-def test_demo_on_the_first_real_case_writes_three_files(data_dir, abdomen_ct, tiny_model, tmp_path):
+def test_demo_on_the_first_real_case_writes_four_files(data_dir, abdomen_ct, tiny_model, tmp_path):
     result = run_cli("demo", "--weights", tiny_model, env={"ATTENTION_UNET_SEG_DATA": str(data_dir)}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "output"  # the default output folder, relative to where the user is
-    names = ["ts-abdomen-3mm_attention.nrrd", "ts-abdomen-3mm_pancreas.seg.nrrd", "ts-abdomen-3mm_preview.png"]
+    names = ["ts-abdomen-3mm_attention.nrrd", "ts-abdomen-3mm_pancreas.seg.nrrd", "ts-abdomen-3mm_preview.png",
+             "ts-abdomen-3mm_report.json"]
     assert sorted(p.name for p in out.iterdir()) == names
     for name in names:
         assert str(Path("output") / name) in result.stdout
@@ -263,7 +283,7 @@ def test_demo_on_a_given_dicom_folder_names_outputs_after_it(dicom_dir, tiny_mod
                      "--label-format", "nii.gz", "--progress", "none")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "dicom_attention.nii.gz", "dicom_pancreas.nii.gz", "dicom_preview.png"]
+        "dicom_attention.nii.gz", "dicom_pancreas.nii.gz", "dicom_preview.png", "dicom_report.json"]
     assert same_grid(sitk.ReadImage(str(tmp_path / "out" / "dicom_pancreas.nii.gz")), read_image(dicom_dir))
 
 
@@ -298,8 +318,8 @@ def test_failed_write_removes_what_it_wrote_and_keeps_the_users_file(tmp_path, f
         raise failure
 
     with pytest.raises(type(failure)):
-        cli.write_outputs({tmp_path / "first.nii.gz": cli.image_writer(image), kept: cli.image_writer(image),
-                           tmp_path / "maps" / "third.nii.gz": third_output_fails})
+        outputs.write_outputs({tmp_path / "first.nii.gz": outputs.image_writer(image), kept: outputs.image_writer(image),
+                               tmp_path / "maps" / "third.nii.gz": third_output_fails})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.nii.gz"]
     assert kept.read_bytes() == b"the user's file"
 
@@ -345,9 +365,9 @@ def test_preview_of_an_empty_mask_centres_on_the_attention_peak(small_ct, tmp_pa
     ct = sitk.ReadImage(str(small_ct), sitk.sitkFloat32)
     empty = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
     empty.CopyInformation(ct)
-    attention = sitk.Image(ct.GetSize(), sitk.sitkFloat32)
+    attention = sitk.Image(ct.GetSize(), sitk.sitkUInt8)  # an engine map: 8-bit
     attention.CopyInformation(ct)
-    attention[60, 50, 15] = 1.0  # one hot voxel: seen only by slices through it
+    attention[60, 50, 15] = round(0.6 * ATTENTION_SCALE)  # one hot voxel (orange; 1.0 is white, like PET heat)
     pixels = imread(str(render_overlays(ct, empty, attention, tmp_path / "preview.png")))[..., :3]
     bottom_row = pixels[pixels.shape[0] // 2 :]
     coloured = np.ptp(bottom_row, axis=-1) > 0.2  # the CT is grey; only the heatmap has colour

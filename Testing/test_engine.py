@@ -6,8 +6,8 @@ import SimpleITK as sitk
 import torch
 
 from AttentionUNetSegLib import geometry, tiling
-from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter, resolve_device
-from AttentionUNetSegLib.errors import Cancelled, DeviceError
+from AttentionUNetSegLib.engine import ATTENTION_MAP_NAMES, SegmentationOptions, Segmenter, resolve_device
+from AttentionUNetSegLib.errors import Cancelled, DeviceError, UserError
 from AttentionUNetSegLib.imageio import read_image
 
 
@@ -52,31 +52,64 @@ def ct(small_ct):
 
 
 def test_outputs_lie_on_the_input_grid_and_are_in_range(segmenter, ct):
-    result = segmenter.segment(ct)
-    assert same_grid(result.mask, ct) and same_grid(result.attention, ct)
+    result = segmenter.segment(ct, maps=ATTENTION_MAP_NAMES)
+    assert same_grid(result.mask, ct)
     assert result.mask.GetPixelID() == sitk.sitkUInt8
-    values = sitk.GetArrayViewFromImage(result.attention)
-    assert 0.0 <= values.min() and values.max() <= 1.0 and values.max() > values.min()
     voxels = int(sitk.GetArrayViewFromImage(result.mask).sum())
     assert result.volume_ml == pytest.approx(voxels * np.prod(ct.GetSpacing()) / 1000)
     assert set(result.timings) == {"preprocess", "inference", "postprocess", "resample"}
     assert result.device == "cpu"
-    for name in result.attention_names:
-        gate = result.attention_map(name)
-        assert same_grid(gate, ct)
-        assert 0.0 <= sitk.GetArrayViewFromImage(gate).min() and sitk.GetArrayViewFromImage(gate).max() <= 1.0
-    assert {"level2", "level3", "level4", "level2_gate2"} <= set(result.attention_names)
+    assert list(result.attention_maps) == list(ATTENTION_MAP_NAMES)
+    for name, attention in result.attention_maps.items():
+        assert same_grid(attention, ct) and attention.GetPixelID() == sitk.sitkUInt8, name
+        assert sitk.GetArrayViewFromImage(attention).max() > 0, name
+    assert result.verdict.qc in ("ok", "check", "not found") and 0.0 <= result.verdict.confidence <= 1.0
+
+
+def test_only_the_maps_asked_for_are_made(segmenter, ct):
+    assert list(segmenter.segment(ct).attention_maps) == ["combined"]
+    assert list(segmenter.segment(ct, maps=("level3",)).attention_maps) == ["level3"]
+    assert segmenter.segment(ct, maps=()).attention_maps == {}
+    with pytest.raises(UserError, match="no attention map named level9"):
+        segmenter.segment(ct, maps=("combined", "level9"))
+
+
+def test_attention_is_zero_off_the_body(segmenter, ct):
+    """The air around the patient (and the table's gap) gets no heat: it means nothing there."""
+    attention = sitk.GetArrayFromImage(segmenter.segment(ct).attention_maps["combined"])
+    hu = sitk.GetArrayViewFromImage(ct)
+    # Air at least two voxels (6 mm, more than a model voxel) from anything denser, in the outer rows
+    far_air = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.Cast(ct < -500, sitk.sitkUInt8), [2, 2, 2])) > 0
+    outside = np.zeros(hu.shape, bool)
+    outside[:, :3] = outside[:, -3:] = True  # the first and last rows of every slice lie outside the patient
+    assert (far_air & outside).sum() > 10000 and not attention[far_air & outside].any()
+    assert attention[hu > 0].mean() > 0
+
+
+def test_combined_is_the_mean_of_the_levels(segmenter, ct):
+    maps = {k: sitk.GetArrayViewFromImage(v).astype(float)
+            for k, v in segmenter.segment(ct, maps=ATTENTION_MAP_NAMES).attention_maps.items()}
+    levels = np.mean([maps[k] for k in ATTENTION_MAP_NAMES[1:]], axis=0)
+    assert np.abs(maps["combined"] - levels).max() <= 2  # 8-bit rounding of four resampled maps
+
+
+def test_test_time_augmentation_agrees_and_keeps_the_grid(tiny_model, ct):
+    result = Segmenter(tiny_model, SegmentationOptions(device="cpu", tta=True)).segment(ct)
+    assert same_grid(result.mask, ct) and same_grid(result.attention_maps["combined"], ct)
+    assert 0.0 <= result.verdict.confidence <= 1.0
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_flipped_storage_gives_the_same_physical_result(segmenter, ct, axis):
     """No silent orientation flips: the same anatomy stored mirrored gives the same maps in physical space."""
-    reference = segmenter.segment(ct).attention
+    reference = segmenter.segment(ct)
     flipped = flipped_storage(ct, axis)
     result = segmenter.segment(flipped)
-    assert same_grid(result.attention, flipped)
-    back = geometry.resample_like(result.attention, ct, sitk.sitkNearestNeighbor)
-    np.testing.assert_allclose(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(reference), atol=2e-3)
+    assert same_grid(result.attention_maps["combined"], flipped)
+    for image, original in ((result.attention_maps["combined"], reference.attention_maps["combined"]),
+                            (result.mask, reference.mask)):
+        back = sitk.GetArrayFromImage(geometry.resample_like(image, ct, sitk.sitkNearestNeighbor)).astype(int)
+        assert np.abs(back - sitk.GetArrayViewFromImage(original)).max() <= 1  # 8-bit rounding at most
 
 
 def test_oblique_anisotropic_and_tiny_inputs_keep_their_grid(segmenter, ct):
@@ -85,7 +118,7 @@ def test_oblique_anisotropic_and_tiny_inputs_keep_their_grid(segmenter, ct):
     tiny = ct[40:52, 40:50, 10:13]
     for image in (oblique(ct, 25), thick, tiny):
         result = segmenter.segment(image)
-        assert same_grid(result.mask, image) and same_grid(result.attention, image)
+        assert same_grid(result.mask, image) and same_grid(result.attention_maps["combined"], image)
 
 
 def test_a_structure_keeps_its_physical_place_through_the_model_grid(ct):
@@ -112,7 +145,8 @@ def bright_centroid(image: sitk.Image) -> np.ndarray:
 
 def test_runs_are_deterministic(segmenter, ct):
     first, second = segmenter.segment(ct), segmenter.segment(ct)
-    assert np.array_equal(sitk.GetArrayViewFromImage(first.attention), sitk.GetArrayViewFromImage(second.attention))
+    assert np.array_equal(sitk.GetArrayViewFromImage(first.attention_maps["combined"]),
+                          sitk.GetArrayViewFromImage(second.attention_maps["combined"]))
     assert np.array_equal(sitk.GetArrayViewFromImage(first.mask), sitk.GetArrayViewFromImage(second.mask))
 
 

@@ -87,6 +87,8 @@ def _command_in(argv: list[str]) -> str | None:
 
 
 def _add_segment(commands) -> None:
+    from .engine import ATTENTION_MAP_NAMES
+
     parser = commands.add_parser(
         "segment", help="segment the pancreas in one CT",
         description="Segment the pancreas in a CT (NIfTI, NRRD, MHA file or DICOM series folder). "
@@ -99,18 +101,25 @@ def _add_segment(commands) -> None:
     parser.add_argument("--attention-maps", type=Path, metavar="DIR",
                         help="folder to write attention maps into as NAME.nrrd (all maps unless --map-names)")
     parser.add_argument("--map-names", metavar="NAMES",
-                        help="comma-separated maps for --attention-maps, e.g. combined,level2,level3,level4")
+                        help=f"comma-separated maps for --attention-maps, of {','.join(ATTENTION_MAP_NAMES)}")
+    parser.add_argument("--report", type=Path, metavar="FILE.json",
+                        help="write the volume, the verdict (ok / check / not found, reason, confidence), "
+                        "the time, the device and the model as JSON")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: a second, shifted pass (about twice the inference time); "
+                        "averaged in, and the passes' agreement informs the verdict")
     add_model_arguments(parser)
     parser.set_defaults(run=run_segment)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs the network."""
+def add_model_arguments(parser: argparse.ArgumentParser, progress: bool = True) -> None:
+    """Options shared by every command that runs the network (and how it shows progress on a terminal)."""
     parser.add_argument("--weights", type=Path, help="model file (.safetensors); default: the bundled model")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--fast", action="store_true", help="less tile overlap: faster, slightly less accurate")
-    parser.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
-                        help="bar on stderr, 'PROGRESS <fraction> <text>' lines on stdout, or none")
+    if progress:
+        parser.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
+                            help="bar on stderr, 'PROGRESS <fraction> <text>' lines on stdout, or none")
 
 
 def _add_info(commands) -> None:
@@ -120,33 +129,43 @@ def _add_info(commands) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
+    from . import outputs
+
     started = time.perf_counter()
     label_path = imageio.check_output_path(args.output, LABEL_SUFFIXES)
     attention_path = imageio.check_output_path(args.attention, ATTENTION_SUFFIXES) if args.attention else None
-    maps_dir = check_output_folder(args.attention_maps) if args.attention_maps else None
-    _refuse_clashes(args.input, [p for p in (label_path, attention_path) if p])
+    report_path = imageio.check_output_path(args.report, (".json",)) if args.report else None
+    maps_dir = outputs.check_output_folder(args.attention_maps) if args.attention_maps else None
+    map_names = _map_names(args.map_names) if maps_dir else []
+    outputs.refuse_clashes([args.input], [p for p in (label_path, attention_path, report_path) if p])
 
-    image = read_ct(args.input)
+    image = imageio.read_image(args.input)
     segmenter = load_segmenter(args)
-    result = segment_with_progress(segmenter, image, args.progress)
+    wanted = tuple(dict.fromkeys([*(["combined"] if attention_path else []), *map_names]))
+    result = segment_with_progress(segmenter, image, args.progress, wanted)
 
-    writers = {label_path: label_writer(result.mask, label_path)}
+    writers = {label_path: outputs.label_writer(result.mask, label_path)}
     if attention_path:
-        writers[attention_path] = image_writer(result.attention)
-    if maps_dir:
-        for name in _map_names(args.map_names, result.attention_names):
-            writers[maps_dir / f"{name}.nrrd"] = image_writer(result.attention_map(name))
-    write_outputs(writers)
-    print(summary_line(result, time.perf_counter() - started), flush=True)
+        writers[attention_path] = outputs.attention_writer(result.attention_maps["combined"])
+    for name in map_names:
+        writers[maps_dir / f"{name}.nrrd"] = outputs.attention_writer(result.attention_maps[name])
+    seconds = time.perf_counter() - started
+    if report_path:
+        writers[report_path] = outputs.json_writer(
+            outputs.report(result, seconds, outputs.model_name(segmenter.model)))
+    outputs.write_outputs(writers)
+    print(outputs.summary_line(result, seconds), flush=True)
     return 0
 
 
-def _map_names(requested: str | None, available: list[str]) -> list[str]:
-    names = [n.strip() for n in requested.split(",") if n.strip()] if requested else available
-    unknown = [n for n in names if n not in available]
+def _map_names(requested: str | None) -> list[str]:
+    from .engine import ATTENTION_MAP_NAMES
+
+    names = [n.strip() for n in requested.split(",") if n.strip()] if requested else list(ATTENTION_MAP_NAMES)
+    unknown = [n for n in names if n not in ATTENTION_MAP_NAMES]
     if unknown:
-        raise UserError(f"no attention map named {', '.join(unknown)}", f"this model has {', '.join(available)}",
-                        "choose from those with --map-names")
+        raise UserError(f"no attention map named {', '.join(unknown)}",
+                        f"the maps are {', '.join(ATTENTION_MAP_NAMES)}", "choose from those with --map-names")
     return names
 
 
@@ -192,24 +211,19 @@ def describe_model(path: Path) -> str:
     return "\n".join(lines)
 
 
-def read_ct(path: Path) -> sitk.Image:
-    image = imageio.read_image(path)
-    imageio.validate_ct(image, path.name)
-    return image
-
-
 def load_segmenter(args: argparse.Namespace):
     """Device first (cheap to check), then the verified weights."""
     from .engine import SegmentationOptions, Segmenter, resolve_device
 
     resolve_device(args.device)
-    options = SegmentationOptions(device=args.device, quality="fast" if args.fast else "full")
+    options = SegmentationOptions(device=args.device, quality="fast" if args.fast else "full",
+                                  tta=getattr(args, "tta", False))
     return Segmenter(args.weights, options)
 
 
-def segment_with_progress(segmenter, image: sitk.Image, mode: str):
+def segment_with_progress(segmenter, image: sitk.Image, mode: str, maps: tuple[str, ...] = ("combined",)):
     with progress_reporter(mode) as report:
-        return segmenter.segment(image, progress=report)
+        return segmenter.segment(image, progress=report, maps=maps)
 
 
 @contextlib.contextmanager
@@ -223,79 +237,23 @@ def progress_reporter(mode: str) -> Iterator[Callable[[float, str], None]]:
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=100, file=sys.stderr, bar_format="{desc:<30.30} {percentage:3.0f}%|{bar}| {elapsed}")
+    bars = []  # made on the first report: input refused before any work gets no bar above its error line
 
     def report(fraction: float, text: str) -> None:
-        bar.set_description_str(text, refresh=False)
-        bar.update(max(round(fraction * 100) - bar.n, 0))
+        if not bars:
+            bars.append(tqdm(total=100, file=sys.stderr, bar_format="{desc:<30.30} {percentage:3.0f}%|{bar}| {elapsed}"))
+        bars[0].set_description_str(text, refresh=False)
+        bars[0].update(max(round(fraction * 100) - bars[0].n, 0))
 
     try:
         yield report
     except BaseException:
-        bar.leave = False  # an error line follows; no half bar above it
+        for bar in bars:
+            bar.leave = False  # an error line follows; no half bar above it
         raise
     finally:
-        bar.close()
-
-
-def summary_line(result, seconds: float) -> str:
-    return f"Pancreas {result.volume_ml:.1f} mL; {seconds:.1f} s on {result.device}"
-
-
-def check_output_folder(folder: Path) -> Path:
-    """A folder that exists and takes files, or one that can be created."""
-    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
-    if not existing.is_dir() or not imageio.folder_takes_files(existing):
-        raise UserError(f"cannot write into {folder}", f"{existing} is not a writable folder", "choose another")
-    return folder
-
-
-def _refuse_clashes(input_path: Path, outputs: list[Path]) -> None:
-    resolved = [output.resolve() for output in outputs]
-    if input_path.resolve() in resolved:
-        raise UserError(f"output {outputs[resolved.index(input_path.resolve())]} is the input",
-                        "it would be overwritten", "choose another output")
-    if len(set(resolved)) != len(resolved):
-        raise UserError("two outputs name the same file", "", "give each output its own name")
-
-
-def label_writer(mask: sitk.Image, path: Path) -> Writer:
-    """``.seg.nrrd`` gets the segment metadata Slicer reads; other formats a plain label map."""
-    return image_writer(imageio.with_segment_metadata(mask) if path.name.endswith(".seg.nrrd") else mask)
-
-
-def image_writer(image: sitk.Image) -> Writer:
-    return lambda path: imageio.write_image(image, path)
-
-
-def write_outputs(writers: dict[Path, Writer]) -> None:
-    """Write all outputs or none: each into a hidden file beside its target, renamed once all are written.
-
-    Files the user already had are replaced only in that last step, and a failure or Ctrl-C at any
-    point removes what this run wrote.
-    """
-    targets = [Path(p) for p in writers]
-    if len({p.resolve() for p in targets}) != len(targets):
-        raise UserError("two outputs name the same file", "", "give each output its own name")
-    created_folders = [p.parent for p in targets if not p.parent.exists()]
-    staged: list[tuple[Path, Path]] = []
-    placed: list[Path] = []
-    try:
-        for folder in dict.fromkeys(created_folders):
-            folder.mkdir(parents=True)
-        for target, write in writers.items():
-            staged.append((imageio.hidden_twin(Path(target)), Path(target)))
-            write(staged[-1][0])
-        for temporary, target in staged:
-            os.replace(temporary, target)
-            placed.append(target)
-    except BaseException:
-        for path in [*placed, *(temporary for temporary, _ in staged)]:
-            path.unlink(missing_ok=True)
-        for folder in dict.fromkeys(created_folders):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+        for bar in bars:
+            bar.close()
 
 
 @contextlib.contextmanager

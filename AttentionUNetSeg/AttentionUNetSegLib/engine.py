@@ -6,11 +6,12 @@ sliding-window inference with Gaussian blending (``tiling``), post-processing, r
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from . import geometry, tiling
-from .errors import Cancelled, DeviceError
+from .errors import Cancelled, DeviceError, UserError
 from .imageio import validate_ct
+from .network import GATED_LEVELS
+from .verdict import NOT_FOUND, Evidence, Verdict, dilated, verdict_of
 from .weights import LoadedModel, load_model
 
 ProgressCallback = Callable[[float, str], None]
@@ -32,17 +35,16 @@ OVERLAP = {"full": 0.5, "fast": 0.25}
 # on the CPU one large tile costs far less than many overlapping small ones (see Testing/benchmark.py).
 MAX_TILE_VOXELS = 200**3
 DIVISOR = 16  # four 2x poolings
-ATTENTION_LEVELS = 1024.0
+TTA_SHIFT = 5  # voxels; not a multiple of the poolings' 16, so the second pass sees the CT differently aligned
+ATTENTION_MAP_NAMES = ("combined", *(f"level{k}" for k in GATED_LEVELS))  # combined = mean of the levels
+ATTENTION_SCALE = 255  # attention maps are 8-bit: value / ATTENTION_SCALE = gate coefficient in [0, 1]
 
 
 @dataclass
 class SegmentationOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     quality: str = "full"  # full | fast (less tile overlap)
-    body_crop: bool = True
-    keep_largest_component: bool = True
-    fill_holes: bool = True
-    sw_batch_size: int = 1
+    tta: bool = False  # a second, shifted pass: averaged in, and its agreement feeds the verdict
     threads: int | None = None  # CPU threads; None = all cores
 
     def __post_init__(self):
@@ -52,30 +54,18 @@ class SegmentationOptions:
 
 @dataclass
 class SegmentationResult:
-    """Mask and attention on the input's grid, plus what the run measured."""
+    """Mask, the attention maps asked for and the verdict, on the input's grid, plus what the run measured."""
 
     mask: sitk.Image  # UInt8, 1 = pancreas
-    attention: sitk.Image  # float32 in [0, 1], all gates combined
+    attention_maps: dict[str, sitk.Image]  # UInt8, value / ATTENTION_SCALE = gate coefficient; 0 off the body
     volume_ml: float
     device: str
     timings: dict[str, float]
-    model_grid_maps: dict[str, sitk.Image] = field(repr=False)  # per level / gate, on the model grid
-    input_grid: sitk.Image = field(repr=False)
-    _resampled: dict[str, sitk.Image] = field(default_factory=dict, repr=False)
+    verdict: Verdict
 
     @property
-    def attention_names(self) -> list[str]:
-        return ["combined", *self.model_grid_maps]
-
-    def attention_map(self, name: str = "combined") -> sitk.Image:
-        """One attention map on the input grid: ``combined``, ``level2``..``level4`` or ``level2_gate1``..."""
-        if name == "combined":
-            return self.attention
-        if name not in self.model_grid_maps:
-            raise KeyError(f"no attention map {name!r}; available: {', '.join(self.attention_names)}")
-        if name not in self._resampled:
-            self._resampled[name] = _to_input_grid(self.model_grid_maps[name], self.input_grid)
-        return self._resampled[name]
+    def found(self) -> bool:
+        return self.verdict.qc != NOT_FOUND
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,10 +108,20 @@ class Segmenter:
         image: sitk.Image,
         progress: ProgressCallback | None = None,
         cancel: Callable[[], bool] | None = None,
+        maps: Sequence[str] = ("combined",),
     ) -> SegmentationResult:
-        """Segment the pancreas in ``image`` (HU). ``cancel()`` returning True stops between tiles."""
+        """Segment the pancreas in ``image`` (HU): the one use case every front end calls.
+
+        Validates the CT, returns the mask, the verdict and only the attention ``maps`` asked for (names from
+        :data:`ATTENTION_MAP_NAMES`), each resampled once onto the input grid. ``cancel()`` returning True
+        stops between tiles.
+        """
         report = progress or (lambda fraction, stage: None)
         is_cancelled = cancel or (lambda: False)
+        unknown = [name for name in maps if name not in ATTENTION_MAP_NAMES]
+        if unknown:
+            raise UserError(f"no attention map named {', '.join(unknown)}",
+                            f"the maps are {', '.join(ATTENTION_MAP_NAMES)}", "choose from those")
         validate_ct(image)
         torch.set_num_threads(self.options.threads or os.cpu_count() or 1)
         timings: dict[str, float] = {}
@@ -129,57 +129,59 @@ class Segmenter:
         clock = time.perf_counter()
         report(0.0, "Resampling to the model grid")
         grid = geometry.canonical_grid(image, self.model.spec.spacing_mm)
-        ct = geometry.downsample_smoothly(image, grid, AIR_HU)
-        volume = sitk.GetArrayFromImage(ct)  # (z, y, x)
-        box = _body_box(volume) if self.options.body_crop else tuple(slice(0, n) for n in volume.shape)
+        volume = sitk.GetArrayFromImage(geometry.downsample_smoothly(image, grid, AIR_HU))  # (z, y, x)
+        body = _body(volume)
+        box = _bounding_box(body, BODY_MARGIN_VOXELS) or tuple(slice(0, n) for n in volume.shape)
         tensor = torch.from_numpy(self._normalise(volume[box]))[None, None]
         timings["preprocess"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        probabilities, alphas, device_used = self._infer(tensor, report, is_cancelled)
+        probability, alphas, agreement, device_used = self._infer(tensor, report, is_cancelled)
         timings["inference"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         report(0.9, "Post-processing")
-        mask = self._postprocess(_paste(probabilities[1] > 0.5, box, volume.shape).astype(np.uint8), grid)
-        maps = _attention_maps(alphas, box, volume.shape, grid)
+        probability = _paste(probability, box, volume.shape)
+        kept = _largest_filled_component(probability > 0.5, grid)
+        verdict = verdict_of(Evidence.measure(probability, kept, volume, body, grid.GetSpacing(), agreement))
+        model_maps = _attention_maps(alphas, box, volume.shape, body, maps)
         timings["postprocess"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         report(0.95, "Resampling to the input grid")
-        mask_on_input = geometry.resample_like(mask, image, sitk.sitkNearestNeighbor, 0)
-        combined = _to_input_grid(maps.pop("combined"), image)
+        mask = _mask_on_input(probability, kept, grid, image)
+        attention = {name: _map_on_input(values, grid, image) for name, values in model_maps.items()}
         timings["resample"] = time.perf_counter() - clock
         report(1.0, "Done")
-        return SegmentationResult(
-            mask=mask_on_input,
-            attention=combined,
-            volume_ml=_volume_ml(mask_on_input),
-            device=device_used,
-            timings=timings,
-            model_grid_maps=maps,
-            input_grid=image,
-        )
+        volume_ml = _volume_ml(mask)
+        return SegmentationResult(mask, attention, volume_ml, device_used, timings, verdict)
 
     def _normalise(self, volume: np.ndarray) -> np.ndarray:
         return normalise_hu(volume, self.model.spec.hu_range)
 
     def _infer(self, tensor, report, is_cancelled):
-        """Sliding-window inference; on CUDA out-of-memory, smaller batches, then the CPU."""
-        device, batch = self.device, self.options.sw_batch_size
-        while True:
-            try:
-                return (*self._sliding_window(tensor, device, batch, report, is_cancelled), str(device))
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                if batch > 1:
-                    batch //= 2
-                    continue
-                warnings.warn(f"{device} ran out of memory; continuing on the CPU (slower)", stacklevel=2)
-                report(0.1, "GPU out of memory: continuing on the CPU")
-                device = torch.device("cpu")
+        """Probability (z, y, x) and attention per level on the crop; with TTA, a shifted second pass is
+        averaged in and the two passes' mask agreement (Dice) is returned, else None."""
+        probability, alphas, device = self._infer_on_device(tensor, report, is_cancelled)
+        if not self.options.tta:
+            return probability, alphas, None, device
+        shifted, _, _ = self._infer_on_device(_shift(tensor, TTA_SHIFT), report, is_cancelled)
+        shifted = shifted[tuple(slice(TTA_SHIFT, None) for _ in range(3))]
+        agreement = _dice(probability > 0.5, shifted > 0.5)
+        return (probability + shifted) / 2, alphas, agreement, device
 
-    def _sliding_window(self, tensor, device, batch, report, is_cancelled):
+    def _infer_on_device(self, tensor, report, is_cancelled):
+        """Sliding-window inference; on CUDA out of memory, the CPU (with a warning)."""
+        try:
+            return (*self._sliding_window(tensor, self.device, report, is_cancelled), str(self.device))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            warnings.warn(f"{self.device} ran out of memory; continuing on the CPU (slower)", stacklevel=2)
+            report(0.1, "GPU out of memory: continuing on the CPU")
+            cpu = torch.device("cpu")
+            return (*self._sliding_window(tensor, cpu, report, is_cancelled), str(cpu))
+
+    def _sliding_window(self, tensor, device, report, is_cancelled):
         network = self.model.network.to(device).to(memory_format=torch.channels_last_3d)
         roi = _tile_size(tensor.shape[2:], tuple(reversed(self.model.spec.roi_size)))  # spec is (x, y, z)
         overlap = OVERLAP[self.options.quality]
@@ -199,19 +201,9 @@ class Segmenter:
             return [torch.softmax(logits.float(), dim=1), *(alphas[k] for k in network.attention_levels)]
 
         with torch.inference_mode():
-            probabilities, *alphas = tiling.sliding_window(tensor, roi, overlap, predict, DIVISOR, batch)
+            probabilities, *alphas = tiling.sliding_window(tensor, roi, overlap, predict, DIVISOR)
         levels = {f"level{k}": a[0] for k, a in zip(network.attention_levels, alphas)}
-        return probabilities[0].numpy(), levels
-
-    def _postprocess(self, mask: np.ndarray, grid: sitk.Image) -> sitk.Image:
-        image = _on_grid(mask, grid)
-        if self.options.keep_largest_component and mask.any():
-            components = sitk.RelabelComponent(sitk.ConnectedComponent(image), sortByObjectSize=True)
-            image = sitk.Cast(components == 1, sitk.sitkUInt8)
-        if self.options.fill_holes:
-            image = sitk.BinaryFillhole(image, fullyConnected=False, foregroundValue=1)
-        return image
-
+        return probabilities[0, 1].numpy(), levels
 
 def normalise_hu(volume: np.ndarray, hu_range: tuple[float, float]) -> np.ndarray:
     """The model's intensity normalisation: clip to the HU range stored with the weights, scale to [0, 1]."""
@@ -236,17 +228,22 @@ def _tile_size(shape: tuple[int, ...], roi: tuple[int, ...]) -> tuple[int, ...]:
     return whole if np.prod(whole, dtype=np.float64) <= MAX_TILE_VOXELS else roi
 
 
-def _body_box(volume: np.ndarray) -> tuple[slice, ...]:
-    """Bounding box of the largest non-air component (the body), with a margin; whole volume if none."""
-    body = sitk.GetImageFromArray((volume > BODY_THRESHOLD_HU).astype(np.uint8))
-    if not sitk.GetArrayViewFromImage(body).any():
-        return tuple(slice(0, n) for n in volume.shape)
-    largest = sitk.RelabelComponent(sitk.ConnectedComponent(body), sortByObjectSize=True) == 1
-    indices = np.nonzero(sitk.GetArrayViewFromImage(largest))
-    return tuple(
-        slice(max(int(i.min()) - BODY_MARGIN_VOXELS, 0), min(int(i.max()) + 1 + BODY_MARGIN_VOXELS, n))
-        for i, n in zip(indices, volume.shape)
-    )
+def _body(volume: np.ndarray) -> np.ndarray:
+    """The largest non-air component with its holes (lungs, bowel gas) filled; all False when there is none."""
+    above = sitk.GetImageFromArray((volume > BODY_THRESHOLD_HU).astype(np.uint8))
+    if not sitk.GetArrayViewFromImage(above).any():
+        return np.zeros(volume.shape, bool)
+    largest = sitk.Cast(sitk.RelabelComponent(sitk.ConnectedComponent(above), sortByObjectSize=True) == 1,
+                        sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(sitk.BinaryFillhole(largest, fullyConnected=False, foregroundValue=1)) > 0
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    indices = np.nonzero(mask)
+    if not indices[0].size:
+        return None
+    return tuple(slice(max(int(i.min()) - margin, 0), min(int(i.max()) + 1 + margin, n))
+                 for i, n in zip(indices, mask.shape))
 
 
 def _paste(values: np.ndarray, box: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
@@ -255,18 +252,40 @@ def _paste(values: np.ndarray, box: tuple[slice, ...], shape: tuple[int, ...]) -
     return full
 
 
-def _attention_maps(alphas: dict[str, torch.Tensor], box, shape, grid: sitk.Image) -> dict[str, sitk.Image]:
-    """Per-gate and per-level maps on the model grid, and their mean as the combined map."""
+def _shift(tensor: torch.Tensor, voxels: int) -> torch.Tensor:
+    """The crop moved by ``voxels`` along every axis (air in front): another alignment to the poolings."""
+    air = float(tensor.min())
+    return F.pad(tensor, [voxels, 0] * 3, value=air)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * int(np.logical_and(a, b).sum()) / total if total else 1.0
+
+
+def _largest_filled_component(mask: np.ndarray, grid: sitk.Image) -> np.ndarray:
+    """Post-processing on the model grid: the largest connected component, its holes filled."""
+    if not mask.any():
+        return mask
+    image = _on_grid(mask.astype(np.uint8), grid)
+    largest = sitk.Cast(sitk.RelabelComponent(sitk.ConnectedComponent(image), sortByObjectSize=True) == 1,
+                        sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(sitk.BinaryFillhole(largest, fullyConnected=False, foregroundValue=1)) > 0
+
+
+def _attention_maps(alphas: dict[str, torch.Tensor], box, shape, body: np.ndarray, names) -> dict[str, np.ndarray]:
+    """The maps asked for, on the model grid, in [0, 1], zero off the body: each level the mean of its gates,
+    ``combined`` the mean of the levels."""
     crop_size = tuple(s.stop - s.start for s in box)
-    maps: dict[str, np.ndarray] = {}
-    for level, alpha in sorted(alphas.items()):
-        full = F.interpolate(alpha[None], size=crop_size, mode="trilinear", align_corners=False)[0].numpy()
-        for gate, values in enumerate(full, start=1):
-            maps[f"{level}_gate{gate}"] = values
-        maps[level] = full.mean(axis=0)
-    levels = [v for k, v in maps.items() if "_gate" not in k]
-    maps["combined"] = np.mean(levels, axis=0)
-    return {k: _on_grid(_paste(np.clip(v, 0, 1).astype(np.float32), box, shape), grid) for k, v in maps.items()}
+
+    def level(name: str) -> np.ndarray:
+        alpha = alphas[name][None].float()
+        return F.interpolate(alpha, size=crop_size, mode="trilinear", align_corners=False)[0].mean(0).numpy()
+
+    levels = {name: level(name) for name in sorted(alphas) if name in names or "combined" in names}
+    if "combined" in names:
+        levels["combined"] = np.mean(list(levels.values()), axis=0)
+    return {name: np.clip(_paste(levels[name], box, shape), 0, 1) * body for name in names}
 
 
 def _on_grid(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
@@ -275,18 +294,43 @@ def _on_grid(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
     return image
 
 
-def _to_input_grid(attention: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """Linear resampling onto the input grid; values kept in [0, 1] and rounded to 1/1024.
+def _mask_on_input(probability: np.ndarray, kept: np.ndarray, grid: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """The kept component's probability (its filled holes set to 1) resampled linearly, then thresholded: smoother
+    borders than nearest-neighbour. Resampled only inside the component's box on the input grid."""
+    mask = np.zeros(sitk.GetArrayViewFromImage(reference).shape, np.uint8)
+    box = _bounding_box(kept, 2)
+    if box is not None:
+        soft = np.where(kept, np.maximum(probability, 0.5 + 1e-3), np.minimum(probability, 0.5) * dilated(kept))
+        region = _input_region(grid, box, reference)
+        if region is not None:
+            start, size = region
+            window = sitk.Image([int(n) for n in size], sitk.sitkFloat32)
+            window.SetSpacing(reference.GetSpacing())
+            window.SetDirection(reference.GetDirection())
+            window.SetOrigin(reference.TransformIndexToPhysicalPoint([int(i) for i in start]))
+            values = geometry.resample_like(_on_grid(soft.astype(np.float32), grid), window, sitk.sitkLinear, 0.0)
+            z, y, x = (slice(int(b), int(b + n)) for b, n in zip(reversed(start), reversed(size)))
+            mask[z, y, x] = sitk.GetArrayViewFromImage(values) > 0.5
+    image = sitk.GetImageFromArray(mask)
+    image.CopyInformation(reference)
+    return image
 
-    The rounding is far below what a heatmap shows, and makes the written map compress 6x (about 4 s less
-    to write a 512x512x200 map).
-    """
-    values = sitk.GetArrayFromImage(geometry.resample_like(attention, reference, sitk.sitkLinear, 0.0))
-    np.clip(values, 0.0, 1.0, out=values)
-    np.multiply(values, ATTENTION_LEVELS, out=values)
-    np.round(values, out=values)
-    np.divide(values, ATTENTION_LEVELS, out=values)
-    return _on_grid(values, reference)
+
+def _input_region(grid: sitk.Image, box: tuple[slice, ...], reference: sitk.Image):
+    """Start index and size, on the input grid, of the physical box that ``box`` (z, y, x on ``grid``) covers."""
+    corners = [grid.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+               for corner in itertools.product(*[(s.start - 0.5, s.stop - 0.5) for s in reversed(box)])]
+    indices = np.array([reference.TransformPhysicalPointToContinuousIndex(c) for c in corners])
+    size = np.array(reference.GetSize())
+    start = np.clip(np.floor(indices.min(axis=0)).astype(int), 0, size)
+    stop = np.clip(np.ceil(indices.max(axis=0)).astype(int) + 1, 0, size)
+    return (start, stop - start) if np.all(stop > start) else None
+
+
+def _map_on_input(values: np.ndarray, grid: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """One linear resampling onto the input grid, straight into 8 bits (rounded: ITK's cast truncates)."""
+    scaled = _on_grid((values * ATTENTION_SCALE + 0.5).astype(np.float32), grid)
+    return sitk.Resample(scaled, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkUInt8)
 
 
 def _volume_ml(mask: sitk.Image) -> float:

@@ -24,13 +24,18 @@ def physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def canonical_grid(image: sitk.Image, spacing: tuple[float, float, float]) -> sitk.Image:
-    """An empty identity-direction image at ``spacing`` that covers the whole input."""
+    """An empty identity-direction image at ``spacing`` that covers the whole input, centred on it.
+
+    Centred, its outermost voxel centres overhang the input equally at both ends, so a CT stored mirrored is
+    sampled the same (ITK treats the two faces of an image differently: a centre on the upper face is outside).
+    """
     low, high = physical_bounds(image)
     spacing = np.asarray(spacing, dtype=float)
-    size = np.maximum(np.ceil((high - low) / spacing).astype(int), 1)
+    size = np.maximum(np.ceil((high - low) / spacing - 1e-6).astype(int), 1)
+    overhang = (size * spacing - (high - low)) / 2
     grid = sitk.Image([int(n) for n in size], sitk.sitkUInt8)
     grid.SetSpacing(spacing.tolist())
-    grid.SetOrigin((low + spacing / 2).tolist())
+    grid.SetOrigin((low - overhang + spacing / 2).tolist())
     grid.SetDirection(np.eye(3).ravel().tolist())
     return grid
 

@@ -12,27 +12,23 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import UserError
+from .segment_description import PANCREAS_SEGMENT
 
 # Bytes of memory per input voxel that a run needs at its peak: the CT as float32, the mask, the combined
 # attention map, and resampling buffers. Measured on the 512x512x200 benchmark (see Testing/benchmark.py).
 PEAK_BYTES_PER_INPUT_VOXEL = 16
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-PANCREAS_SEGMENT = {
-    "name": "Pancreas",
-    "color": (249, 180, 111),
-    # Slicer terminology string: context~category~type~modifier~anatomic context~region~region modifier (SNOMED
-    # CT codes). The DICOM master list is the full standard list; TotalSegmentator labels its pancreas the same way.
-    "terminology": "Segmentation category and type - DICOM master list"
-    "~SCT^123037004^Anatomical Structure~SCT^15776009^Pancreas~^^~Anatomic codes - DICOM master list~^^~^^",
-}
 
 
-def read_image(path: str | Path) -> sitk.Image:
-    """Read a NIfTI/NRRD/MHA file or a DICOM series folder as a float32 CT in HU."""
+def read_image(path: str | Path, series: str | None = None) -> sitk.Image:
+    """Read a NIfTI/NRRD/MHA file or a DICOM series folder as a float32 CT in HU.
+
+    ``series``: the DICOM series ID to read from a folder holding several (default: the largest).
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"input {path} does not exist", "", "check the path")
-    reader, size, components = _dicom_reader(path) if path.is_dir() else _file_reader(path)
+    reader, size, components = _dicom_reader(path, series) if path.is_dir() else _file_reader(path)
     _check_header(size, components, path)
     try:
         image = reader.Execute()
@@ -55,18 +51,31 @@ def _file_reader(path: Path) -> tuple[sitk.ImageFileReader, tuple[int, ...], int
     return reader, reader.GetSize(), reader.GetNumberOfComponents()
 
 
-def _dicom_reader(folder: Path) -> tuple[sitk.ImageSeriesReader, tuple[int, ...], int]:
+def dicom_series_ids(folder: Path) -> tuple[str, ...]:
+    """The DICOM series in a folder (not its subfolders); none when it holds no DICOM."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM's multi-line warning; the error below says it once
     try:
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-    if not series:
+
+
+def dicom_series_files(folder: Path, series: str | None = None) -> list[str]:
+    """The slice files of one series in the order the volume is read (default: the largest series)."""
+    ids = dicom_series_ids(folder)
+    if not ids:
         raise UserError(f"no DICOM series in folder {folder}", "", "pass a folder of DICOM slices or an image file")
-    files_per_series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series]
+    if series is not None and series not in ids:
+        raise UserError(f"no DICOM series {series} in folder {folder}", "", "check the folder")
+    chosen = ids if series is None else (series,)
+    files_per_series = [list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s)) for s in chosen]
+    return max(files_per_series, key=len)  # the largest series is the CT volume
+
+
+def _dicom_reader(folder: Path, series: str | None = None) -> tuple[sitk.ImageSeriesReader, tuple[int, ...], int]:
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(max(files_per_series, key=len))  # the largest series is the CT volume
+    reader.SetFileNames(dicom_series_files(folder, series))
     info = sitk.ImageFileReader()
     info.SetFileName(reader.GetFileNames()[0])
     info.ReadImageInformation()
@@ -142,15 +151,18 @@ def write_image(image: sitk.Image, path: str | Path, compress: bool = True) -> N
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"cannot write {path}", f"folder {path.parent} does not exist", "create it or choose another")
-    if not os.access(path.parent, os.W_OK):
-        raise UserError(f"cannot write {path}", f"folder {path.parent} is not writable", "choose another output")
+    with replacing(path) as temporary:
+        write_file(image, temporary, compress)
+
+
+def write_file(image: sitk.Image, path: str | Path, compress: bool = True) -> None:
+    """Write ``path`` in place (callers stage it: :func:`write_image`, ``outputs.write_outputs``)."""
     try:
-        with replacing(path) as temporary:
-            writer = sitk.ImageFileWriter()
-            writer.SetFileName(str(temporary))
-            writer.SetUseCompression(compress)
-            writer.SetCompressionLevel(1)  # NRRD/MHA: 7x faster than the default, 1% larger; NIfTI ignores it
-            writer.Execute(image)
+        writer = sitk.ImageFileWriter()
+        writer.SetFileName(str(path))
+        writer.SetUseCompression(compress)
+        writer.SetCompressionLevel(1)  # NRRD/MHA: 7x faster than the default, 1% larger; NIfTI ignores it
+        writer.Execute(image)
     except RuntimeError as exc:
         raise UserError(f"cannot write {path}", _first_line(exc), "check the file name and free disk space") from None
 

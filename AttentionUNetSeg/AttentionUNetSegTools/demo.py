@@ -17,18 +17,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from AttentionUNetSegLib import imageio
-from AttentionUNetSegLib.cli import (
-    add_model_arguments,
-    check_output_folder,
-    image_writer,
-    label_writer,
-    load_segmenter,
-    read_ct,
-    segment_with_progress,
-    summary_line,
-    write_outputs,
-)
+from AttentionUNetSegLib import imageio, outputs
+from AttentionUNetSegLib.cli import add_model_arguments, load_segmenter, segment_with_progress
 from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegLib.locations import shared_data_dir
 
@@ -65,12 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    output_dir = check_output_folder(args.output_dir)
+    output_dir = outputs.check_output_folder(args.output_dir)
     segmenter = load_segmenter(args)  # before any download: without a model there is nothing to demonstrate
     ct_path, case = (args.input, case_name(args.input)) if args.input else default_input()
     print(f"Segmenting {ct_path}", flush=True)
-    image = read_ct(ct_path)
+    image = imageio.read_image(ct_path)
     result = segment_with_progress(segmenter, image, args.progress)
+    attention = result.attention_maps["combined"]
 
     from .preview import render_overlays  # matplotlib: only once there is something to draw
 
@@ -78,16 +69,20 @@ def run(args: argparse.Namespace) -> int:
     # NRRD beside a .seg.nrrd: Slicer opens both, and it writes 7x faster than .nii.gz on large CTs.
     attention_path = output_dir / f"{case}_attention.{'nii.gz' if args.label_format == 'nii.gz' else 'nrrd'}"
     preview_path = output_dir / f"{case}_preview.png"
-    title = f"{case}: pancreas {result.volume_ml:.1f} mL (model {segmenter.model.spec.version})"
-    write_outputs({
-        label_path: label_writer(result.mask, label_path),
-        attention_path: image_writer(result.attention),
-        preview_path: lambda path: render_overlays(image, result.mask, result.attention, path, title=title),
+    report_path = output_dir / f"{case}_report.json"
+    title = f"{case}: pancreas {result.volume_ml:.1f} mL, {result.verdict.describe()} (model {segmenter.model.spec.version})"
+    seconds = time.perf_counter() - started
+    outputs.write_outputs({
+        label_path: outputs.label_writer(result.mask, label_path),
+        attention_path: outputs.attention_writer(attention),
+        report_path: outputs.json_writer(outputs.report(result, seconds, outputs.model_name(segmenter.model))),
+        preview_path: lambda path: render_overlays(image, result.mask, attention, path, title=title),
     })
     print(f"Segmentation:  {label_path}")
     print(f"Attention map: {attention_path}")
     print(f"Preview:       {preview_path}")
-    print(summary_line(result, time.perf_counter() - started), flush=True)
+    print(f"Report:        {report_path}")
+    print(outputs.summary_line(result, time.perf_counter() - started), flush=True)
     return 0
 
 

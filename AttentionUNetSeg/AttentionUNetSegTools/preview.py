@@ -15,20 +15,24 @@ import numpy as np
 import SimpleITK as sitk
 
 from AttentionUNetSegLib import geometry
+from AttentionUNetSegLib.engine import ATTENTION_SCALE
 from AttentionUNetSegLib.imageio import PANCREAS_SEGMENT, replacing
 
 ABDOMEN_WINDOW_HU = (-160.0, 240.0)  # level 40, width 400
 MAX_PIXELS_PER_SIDE = 512
 AIR_HU = -1024.0
-ATTENTION_SHOWN_FROM = 0.05  # lower coefficients are left transparent
-ATTENTION_OPACITY = 0.55
-HEAT_COLOURS = "jet"
+# As Slicer and the web app show it (mrml_bridge): a heat map, transparent below 0.2, half opaque.
+ATTENTION_SHOWN_FROM = 0.2
+ATTENTION_OPACITY = 0.5
+HEAT_COLOURS = "hot"
 VIEWS = (("Axial", 2), ("Coronal", 1), ("Sagittal", 0))  # name, the LPS axis the slice is normal to
 
 
 def render_overlays(ct: sitk.Image, mask: sitk.Image, attention: sitk.Image, path: str | Path,
                     title: str = "") -> Path:
     """Write a 2x3 PNG: segmentation (fill + contour) above, attention heatmap (+ contour) below.
+
+    ``attention`` is an engine map (8-bit, value / ATTENTION_SCALE = coefficient).
 
     The slices cross at the mask voxel nearest its centroid, or at the attention peak when the mask is empty.
     """
@@ -42,12 +46,12 @@ def render_overlays(ct: sitk.Image, mask: sitk.Image, attention: sitk.Image, pat
     centre = _focus_point(mask, attention)
     figure = Figure(figsize=(13, 9), dpi=100, facecolor="black", layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(2, len(VIEWS))
+    axes = figure.subplots(2, len(VIEWS), sharex="col", sharey="col")  # both rows: one extent per view
     for column, (name, axis) in enumerate(VIEWS):
         plane = _plane(frame, axis, centre)
         ct_pixels = _pixels(ct, plane, axis, sitk.sitkLinear, AIR_HU)
         mask_pixels = _pixels(sitk.Cast(mask != 0, sitk.sitkUInt8), plane, axis, sitk.sitkNearestNeighbor, 0)
-        attention_pixels = _pixels(attention, plane, axis, sitk.sitkLinear, 0.0)
+        attention_pixels = _pixels(attention, plane, axis, sitk.sitkLinear, 0.0) / ATTENTION_SCALE
         top, bottom = axes[0, column], axes[1, column]
         for ax in (top, bottom):
             ax.imshow(ct_pixels, cmap="gray", vmin=ABDOMEN_WINDOW_HU[0], vmax=ABDOMEN_WINDOW_HU[1],

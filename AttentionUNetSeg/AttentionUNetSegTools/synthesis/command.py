@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from AttentionUNetSegLib.cli import check_output_folder
+    from AttentionUNetSegLib.outputs import check_output_folder
     from .catalog import labelmap_catalog
     from .generator import SyntheticCTGenerator
 

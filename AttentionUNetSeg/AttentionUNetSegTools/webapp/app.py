@@ -16,15 +16,15 @@ from trame_slicer.core import LayoutManager, SlicerApp, VolumeWindowLevel
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.utils import write_client_files_to_dir
 
-from AttentionUNetSegLib import imageio, mrml_bridge
-from AttentionUNetSegLib.engine import Segmenter
+from AttentionUNetSegLib import imageio, mrml_bridge, outputs
+from AttentionUNetSegLib.engine import ATTENTION_MAP_NAMES, Segmenter
 from AttentionUNetSegLib.errors import Cancelled, UserError
-from AttentionUNetSegLib.runner import model_card_summary
+from AttentionUNetSegLib.model_card import model_card_summary
 from AttentionUNetSegLib.weights import model_card_text
+
 from . import ui
 
 logger = logging.getLogger(__name__)
-ATTENTION_GATES = ("combined", "level2", "level3", "level4")
 # Slicer's CT window/level presets (window, level) in HU; the first is the default.
 WINDOW_LEVEL_PRESETS = {
     "Abdomen (soft tissue)": (350.0, 40.0),
@@ -83,11 +83,13 @@ class PancreasWebApp(TrameApp):
                 "error_message": "",
                 "has_result": False,
                 "result_volume": "",
+                "result_verdict": "",
+                "result_verdict_ok": False,
                 "result_time": "",
                 "result_device": "",
                 "attention_visible": True,
-                "attention_gate": ATTENTION_GATES[0],
-                "attention_gates": list(ATTENTION_GATES),
+                "attention_gate": ATTENTION_MAP_NAMES[0],
+                "attention_gates": list(ATTENTION_MAP_NAMES),
                 "attention_opacity": 0.5,
                 "segmentation_format": SEGMENTATION_FORMATS[0],
                 "segmentation_formats": list(SEGMENTATION_FORMATS),
@@ -189,8 +191,11 @@ class PancreasWebApp(TrameApp):
         report = _thread_safe_reporter(asyncio.get_running_loop(), self._show_progress)
         started = time.perf_counter()
         try:
-            result, maps = await asyncio.to_thread(self._run_engine, image, report, self._cancel.is_set)
-            outputs = mrml_bridge.import_result(self.scene, self.ct_node, result.mask, maps)  # updates a previous run's
+            result = await asyncio.to_thread(self._run_engine, image, report, self._cancel.is_set)
+            if not result.found:
+                self._show_not_found(result)
+                return
+            outputs = mrml_bridge.import_result(self.scene, self.ct_node, result.mask, result.attention_maps)
         except Cancelled:
             self._finish("Cancelled: nothing was changed.", progress=0)
             return
@@ -203,20 +208,33 @@ class PancreasWebApp(TrameApp):
             self._show_unexpected_error("segmentation failed", error)
             return
         seconds = time.perf_counter() - started
-        self.outputs, self.mask, self.attention_maps = outputs, result.mask, maps
+        self.outputs, self.mask, self.attention_maps = outputs, result.mask, result.attention_maps
         self._show_surface_in_3d()
         self._show_attention()
+        verdict = result.verdict
         with self.state:
             self.state.has_result = True
             self.state.result_volume = f"{result.volume_ml:.1f} mL"
+            self.state.result_verdict = verdict.describe()
+            self.state.result_verdict_ok = verdict.qc == "ok"
             self.state.result_time = f"{seconds:.1f} s"
             self.state.result_device = result.device
-        self._finish(f"Pancreas: {result.volume_ml:.1f} mL ({seconds:.1f} s on {result.device}).", progress=100)
+        self._finish(f"Pancreas: {result.volume_ml:.1f} mL, {verdict.describe()} ({seconds:.1f} s on {result.device}).",
+                     progress=100)
 
     def _run_engine(self, image, report, is_cancelled):
-        """Worker thread: inference and the attention maps on the input grid; no scene access here."""
-        result = self.segmenter.segment(image, progress=report, cancel=is_cancelled)
-        return result, {gate: result.attention_map(gate) for gate in ATTENTION_GATES}
+        """Worker thread: inference and every attention map on the input grid; no scene access here."""
+        return self.segmenter.segment(image, progress=report, cancel=is_cancelled, maps=ATTENTION_MAP_NAMES)
+
+    def _show_not_found(self, result) -> None:
+        """Nothing is put in the scene, and a previous result for this CT is hidden: it no longer holds."""
+        if self.outputs is not None:
+            self.outputs.segmentation_node.GetDisplayNode().SetVisibility(False)
+            mrml_bridge.show_attention(self.scene, self.outputs.attention_nodes["combined"], visible=False)
+        self.outputs, self.mask, self.attention_maps = None, None, {}
+        with self.state:
+            self.state.has_result = False
+        self._finish(f"No pancreas found: {result.verdict.reason}.", progress=100)
 
     def _show_progress(self, fraction: float, text: str) -> None:
         if self.state.segmenting:
@@ -254,7 +272,9 @@ class PancreasWebApp(TrameApp):
 
     def attention_file(self) -> bytes:
         attention = self.attention_maps.get(self.state.attention_gate)
-        return b"" if attention is None else _encoded(attention, "attention.nii.gz")
+        if attention is None:
+            return b""
+        return _encoded(outputs.attention_coefficients(attention), "attention.nii.gz")
 
     # ---- messages ---------------------------------------------------------------------------------------
     def _show_error(self, error: UserError) -> None:
@@ -264,6 +284,11 @@ class PancreasWebApp(TrameApp):
     def _show_unexpected_error(self, what: str, error: Exception) -> None:
         logger.exception(what)
         self._show_error(UserError(what, f"{type(error).__name__}: {error}", "see the server's log for details"))
+
+
+def read_ct(path: Path) -> sitk.Image:
+    """A CT read and checked when it is loaded, so a bad file is refused before anyone clicks Segment."""
+    return _read_ct(lambda: imageio.read_image(path), path.name)
 
 
 def _read_ct(read, name: str) -> sitk.Image:

@@ -13,6 +13,7 @@ import argparse
 import os
 from pathlib import Path
 
+from AttentionUNetSegLib.cli import add_model_arguments
 from AttentionUNetSegLib.errors import UserError
 
 
@@ -25,19 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1, loopback: this machine only)"
     )
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
-    parser.add_argument("--weights", type=Path, help="model file (.safetensors); default: the bundled model")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--fast", action="store_true", help="less tile overlap: faster, slightly less accurate")
+    add_model_arguments(parser, progress=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from AttentionUNetSegLib.cli import load_segmenter, read_ct
+    from AttentionUNetSegLib.cli import load_segmenter
 
     if not os.environ.get("DISPLAY"):
         os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # offscreen views, no X server
     webapp = _web_app_module()
     segmenter = load_segmenter(args)
-    image = read_ct(args.input) if args.input else None
+    image = webapp.read_ct(args.input) if args.input else None
 
     app = webapp.PancreasWebApp(segmenter)
     if image is not None:

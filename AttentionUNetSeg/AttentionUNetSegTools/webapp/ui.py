@@ -131,6 +131,8 @@ def _segment_panel(app: PancreasWebApp) -> None:
 
 def _result_panel(app: PancreasWebApp) -> None:
     with v.VCard(v_if="has_result", title="Result", variant="outlined"), v.VCardText(classes="d-flex flex-column ga-2"):
+        v.VAlert(text=("result_verdict",), type=("result_verdict_ok ? 'success' : 'warning'",), density="compact",
+                 variant="tonal", classes="verdict-text")
         with v.VTable(density="compact"), html.Tbody():
             for label, key in (
                 ("Pancreas volume", "result_volume"),
