@@ -60,8 +60,25 @@ def huge_header(folder: Path) -> Path:
     return path
 
 
+def cut_short(source: Path, path: Path, kept_bytes: int = 5000) -> Path:
+    """The first bytes of a real compressed CT, as an interrupted copy or download leaves it."""
+    path.write_bytes(source.read_bytes()[:kept_bytes])
+    return path
+
+
+def gzip_nrrd(ct: sitk.Image, path: Path) -> Path:
+    writer = sitk.ImageFileWriter()
+    writer.SetFileName(str(path))
+    writer.SetUseCompression(True)
+    writer.Execute(ct)
+    return path
+
+
 INPUTS = {
     "missing file": (lambda ct, d: d / "absent.nii.gz", "does not exist"),
+    "truncated .nii.gz": (lambda ct, d: cut_short(ct, d / "cut.nii.gz"), "is incomplete"),
+    "truncated gzip .nrrd": (lambda ct, d: cut_short(gzip_nrrd(sitk.ReadImage(str(ct)), d / "full.nrrd"),
+                                                     d / "cut.nrrd", 40000), "is incomplete"),
     "text file": (lambda ct, d: _text(d / "notes.txt"), "not an image"),
     "text file named like NIfTI": (lambda ct, d: _text(d / "ct.nii.gz"), "not an image"),
     "empty folder": (lambda ct, d: _folder(d / "empty"), "no dicom series"),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from .segment_description import PANCREAS_SEGMENT
 # Bytes of memory per input voxel that a run needs at its peak: the CT as float32, the mask, the combined
 # attention map, and resampling buffers. Measured on the 512x512x200 benchmark (see Testing/benchmark.py).
 PEAK_BYTES_PER_INPUT_VOXEL = 16
+GZIP_MAGIC = b"\x1f\x8b"
+GZIP_SEARCH_BYTES = 65536  # a NRRD header ends well before this
+HEADER_SLACK_BYTES = 2**20  # a NIfTI header with its extensions, before the voxels, in the same stream
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
@@ -30,6 +35,8 @@ def read_image(path: str | Path, series: str | None = None) -> sitk.Image:
         raise UserError(f"input {path} does not exist", "", "check the path")
     reader, size, components = _dicom_reader(path, series) if path.is_dir() else _file_reader(path)
     _check_header(size, components, path)
+    if path.is_file():
+        _check_complete(path, int(np.prod(size, dtype=np.float64)) * components * _bytes_per_value(reader))
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -100,6 +107,45 @@ def _check_header(size: tuple[int, ...], components: int, path: Path) -> None:
             f"only {available / 2**30:.1f} GiB of memory is free",
             "crop or downsample the CT first",
         )
+
+
+def _check_complete(path: Path, data_bytes: int) -> None:
+    """Refuse a gzip-compressed file cut short (an interrupted copy or download): ITK reads one without an
+    error, as a volume of zeros. The gzip trailer holds the uncompressed size, which must cover the voxels;
+    only when it does not is the stream decompressed to be sure."""
+    start = _gzip_data_start(path)
+    if start is None:
+        return
+    with open(path, "rb") as stream:
+        stream.seek(-4, os.SEEK_END)
+        stored = int.from_bytes(stream.read(4), "little")
+        if (stored - data_bytes) % 2**32 < HEADER_SLACK_BYTES:  # the size is stored modulo 4 GiB
+            return
+        stream.seek(start)
+        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        while chunk := stream.read(2**22):
+            decompressor.decompress(chunk, 2**16)
+            while decompressor.unconsumed_tail:
+                decompressor.decompress(decompressor.unconsumed_tail, 2**16)
+        if not decompressor.eof:
+            raise UserError(f"{path.name} is incomplete", "its compressed data ends before the image does",
+                            "copy or download the file again")
+
+
+def _gzip_data_start(path: Path) -> int | None:
+    """Where the gzip stream of a .nii.gz or a gzip-encoded .nrrd begins; None for other files."""
+    with open(path, "rb") as stream:
+        head = stream.read(GZIP_SEARCH_BYTES)
+    if head.startswith(GZIP_MAGIC):
+        return 0
+    end = head.find(b"\n\n")
+    if head.startswith(b"NRRD") and end > 0 and re.search(rb"^encoding:\s*(gz|gzip)\s*$", head[:end], re.M):
+        return end + 2
+    return None
+
+
+def _bytes_per_value(reader: sitk.ImageFileReader) -> int:
+    return sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID())).itemsize
 
 
 def available_memory() -> int | None:
