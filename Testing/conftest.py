@@ -56,3 +56,71 @@ def tiny_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_model(AttentionUNet3D(spec.network), spec, path)
     return path
+
+
+# --- shared helpers (import them with ``from conftest import ...``) ------------------------------------
+
+GRID_TOLERANCE_MM = 1e-4  # origins and spacings that agree this closely are the same grid
+
+
+def same_grid(a, b, atol: float = GRID_TOLERANCE_MM) -> bool:
+    """Two SimpleITK images on the same voxel grid: size, spacing, origin and direction."""
+    import numpy as np
+
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=atol)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=atol)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=atol)
+    )
+
+
+def ijk_to_ras(node):
+    """The IJK-to-RAS matrix of a volume node as a 4x4 numpy array."""
+    import numpy as np
+    from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+    matrix = vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def image_data_voxels(image_data):
+    """The (k, j, i) array of a vtkImageData (a view, no copy)."""
+    from vtkmodules.util import numpy_support
+
+    return numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(image_data.GetDimensions()[::-1])
+
+
+def node_ids(scene) -> list:
+    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+def new_scene(views=("Red", "Yellow", "Green")):
+    """A bare slicer-core scene with slice composite nodes standing for the slice views of an application."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    for view in views:
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(view)
+        scene.AddNode(composite)
+    return scene
+
+
+def read_with_slicer(scene, paths, name="CT"):
+    """A volume node read by Slicer's own reader, in the file's own pixel type (the reference for IJK-to-RAS)."""
+    import slicer
+
+    paths = [str(p) for p in (paths if isinstance(paths, list) else [paths])]
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(name)
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(paths[0])
+    if len(paths) > 1:  # a series: the list holds every file, the archetype included
+        for path in paths:
+            storage.AddFileName(path)
+    assert storage.ReadData(node) == 1
+    return node

@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicer
-from AttentionUNetSegLib import geometry, mrml_bridge
-from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter
-from AttentionUNetSegLib.errors import Cancelled, UserError
-from AttentionUNetSegLib.imageio import PANCREAS_SEGMENT, read_image
+from conftest import ijk_to_ras, new_scene, read_with_slicer, same_grid
 from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from vtkmodules.vtkImagingCore import vtkExtractVOI
+
+from AttentionUNetSegLib import geometry, mrml_bridge
+from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter
+from AttentionUNetSegLib.errors import Cancelled, UserError
+from AttentionUNetSegLib.imageio import PANCREAS_SEGMENT, read_image
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 BRIGHT_INDEX = (17, 63, 21)  # (i, j, k) inside the 122x101x30 crop
@@ -36,51 +38,10 @@ DIRECTIONS = {  # LPS direction matrices as file headers carry them
 # --- helpers -------------------------------------------------------------------------------------------
 
 
-def new_scene(views=("Red", "Yellow")):
-    """A bare scene with slice composite nodes standing for the slice views of an application."""
-    scene = slicer.vtkMRMLScene()
-    for view in views:
-        composite = slicer.vtkMRMLSliceCompositeNode()
-        composite.SetLayoutName(view)
-        scene.AddNode(composite)
-    return scene
-
-
-def read_with_slicer(scene, paths, name="CT"):
-    """A volume node read by Slicer's own reader (the reference for IJK-to-RAS)."""
-    paths = [str(p) for p in (paths if isinstance(paths, list) else [paths])]
-    node = slicer.vtkMRMLScalarVolumeNode()
-    node.SetName(name)
-    scene.AddNode(node)
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    scene.AddNode(storage)
-    storage.SetFileName(paths[0])
-    if len(paths) > 1:  # a series: the list holds every file, the archetype included
-        for path in paths:
-            storage.AddFileName(path)
-    assert storage.ReadData(node) == 1
-    return node
-
-
-def ijk_to_ras(node) -> np.ndarray:
-    matrix = vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
 def voxels(image_data) -> np.ndarray:
     """(k, j, i) array of a vtkImageData."""
     array = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())
     return array.reshape(image_data.GetDimensions()[::-1])
-
-
-def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing())
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
-        and np.allclose(a.GetDirection(), b.GetDirection())
-    )
 
 
 def same_physical_voxels(image: sitk.Image, reference: sitk.Image) -> bool:
@@ -190,7 +151,7 @@ def run(small_ct, segmenter):
         ct_node,
         segmenter,
         progress=lambda fraction, text: reports.append(fraction),
-        attention_names=("combined", "level3", "level3_gate2"),
+        attention_names=("combined", "level3"),
     )
     return scene, ct_node, outputs, result, reports
 
@@ -207,7 +168,7 @@ def test_volume_node_to_image_places_voxels_as_itk_does(tmp_path, ct, direction)
 
     image = mrml_bridge.volume_node_to_image(node)
 
-    assert image.GetPixelID() == sitk.sitkFloat32
+    assert image.GetPixelID() == reference.GetPixelID(), "the voxels keep their own type"
     assert same_physical_voxels(image, reference)
     # The bright voxel Slicer puts at RAS point r is, in the image, at the LPS point (-r_x, -r_y, r_z),
     # which is where ITK put it.
@@ -380,28 +341,28 @@ def test_user_chosen_segmentation_keeps_its_other_segments(small_ct, pancreas_la
 
 def test_attention_nodes_hold_the_maps_on_the_input_grid(run):
     scene, ct_node, outputs, result, _ = run
-    assert set(outputs.attention_nodes) == {"combined", "level3", "level3_gate2"}
+    assert set(outputs.attention_nodes) == {"combined", "level3"}
     for name, node in outputs.attention_nodes.items():
         assert scene.GetNodeByID(node.GetID()) is node
         assert node.GetName() == f"CT attention {name}"
         assert np.allclose(ijk_to_ras(node), ijk_to_ras(ct_node))
         values = voxels(node.GetImageData())
         assert values.shape == voxels(ct_node.GetImageData()).shape
-        assert 0.0 <= values.min() and values.max() <= 1.0 and values.max() > values.min()
-        assert np.array_equal(values, sitk.GetArrayViewFromImage(result.attention_map(name)))
+        assert values.dtype == np.uint8 and values.max() > values.min()
+        assert np.array_equal(values, sitk.GetArrayViewFromImage(result.attention_maps[name]))
 
 
-def test_attention_display_is_a_heat_map_over_zero_to_one_with_low_values_transparent(run):
+def test_attention_display_is_a_heat_map_over_the_8_bit_range_with_low_values_transparent(run):
     scene, _, outputs, _, _ = run
     display = outputs.attention_nodes["combined"].GetDisplayNode()
     colour = scene.GetNodeByID(display.GetColorNodeID())
     assert colour is not None and colour.IsA("vtkMRMLPETProceduralColorNode")
     assert colour.GetType() == slicer.vtkMRMLPETProceduralColorNode.PETheat
     assert not display.GetAutoWindowLevel()
-    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 255.0)
     assert display.GetApplyThreshold() and not display.GetAutoThreshold()
-    assert display.GetLowerThreshold() == pytest.approx(mrml_bridge.ATTENTION_LOWER_THRESHOLD)
-    assert 0.0 < display.GetLowerThreshold() < display.GetUpperThreshold() == 1.0
+    assert display.GetLowerThreshold() == pytest.approx(mrml_bridge.ATTENTION_LOWER_THRESHOLD * 255)
+    assert 0.0 < display.GetLowerThreshold() < display.GetUpperThreshold() == 255.0
     # One colour node serves every map.
     assert len(nodes_of_class(scene, "vtkMRMLColorNode")) == 1
 
@@ -409,7 +370,7 @@ def test_attention_display_is_a_heat_map_over_zero_to_one_with_low_values_transp
 def test_combined_map_is_the_foreground_over_the_input_in_every_slice_view(run):
     scene, ct_node, outputs, _, _ = run
     composites = nodes_of_class(scene, "vtkMRMLSliceCompositeNode")
-    assert len(composites) == 2
+    assert len(composites) == 3
     for composite in composites:
         assert composite.GetForegroundVolumeID() == outputs.attention_nodes["combined"].GetID()
         assert composite.GetBackgroundVolumeID() == ct_node.GetID()
@@ -453,7 +414,7 @@ def test_scene_with_slicer_colour_nodes_uses_its_heat_map(small_ct, pancreas_lab
     ct_node = read_with_slicer(scene, small_ct)
 
     outputs = mrml_bridge.import_result(
-        scene, ct_node, pancreas_label, {"combined": sitk.Cast(ct > 0, sitk.sitkFloat32)}
+        scene, ct_node, pancreas_label, {"combined": sitk.Cast(ct > 0, sitk.sitkUInt8) * 255}
     )
 
     assert len(nodes_of_class(scene, "vtkMRMLColorNode")) == colour_count
@@ -482,8 +443,8 @@ def test_second_run_updates_the_outputs_of_the_first(small_ct, segmenter):
     assert second.segmentation_node is first.segmentation_node
     assert all(second.attention_nodes[n] is first.attention_nodes[n] for n in names)
     combined = voxels(second.attention_nodes["combined"].GetImageData())
-    assert np.array_equal(combined, sitk.GetArrayViewFromImage(second_result.attention))
-    assert not np.array_equal(combined, sitk.GetArrayViewFromImage(first_result.attention))
+    assert np.array_equal(combined, sitk.GetArrayViewFromImage(second_result.attention_maps["combined"]))
+    assert not np.array_equal(combined, sitk.GetArrayViewFromImage(first_result.attention_maps["combined"]))
     assert second.segmentation_node.GetSegmentation().GetNumberOfSegments() == 1
 
     # Another input gets its own outputs, and shares the colour map.
@@ -507,7 +468,7 @@ def test_outputs_follow_the_parent_transform_of_the_input(abdomen_ct):
     label = sitk.ReadImage(str(abdomen_ct.parent / "pancreas.nii.gz"))
 
     image = mrml_bridge.volume_node_to_image(ct_node)
-    outputs = mrml_bridge.import_result(scene, ct_node, label, {"combined": sitk.Cast(label, sitk.sitkFloat32)})
+    outputs = mrml_bridge.import_result(scene, ct_node, label, {"combined": sitk.Cast(label, sitk.sitkUInt8)})
 
     assert same_grid(image, sitk.ReadImage(str(abdomen_ct)))  # the node's own frame, not the shifted world
     assert outputs.segmentation_node.GetTransformNodeID() == transform.GetID()
@@ -541,6 +502,82 @@ def test_failing_runs_leave_the_scene_unchanged(ct, segmenter):
 
     ct_node = mrml_bridge.image_to_volume_node(ct, scene, "CT")
     before = scene_state(scene)
-    with pytest.raises(UserError, match="no attention map level9"):
+    with pytest.raises(UserError, match="no attention map named level9"):
         mrml_bridge.segment_volume_node(scene, ct_node, segmenter, attention_names=("combined", "level9"))
     assert scene_state(scene) == before
+
+
+# --- the panel's path: files read with Slicer's reader, no surface unless asked ----------------------
+
+
+def test_read_volume_file_places_voxels_as_itk_wrote_them(tmp_path, ct):
+    image = sitk.Cast(with_header(ct, DIRECTIONS["oblique"]) > 0, sitk.sitkUInt8)
+    path = tmp_path / "mask.nrrd"
+    sitk.WriteImage(image, str(path), False)
+    scene = new_scene()
+
+    volume = mrml_bridge.read_volume_file(path)
+    node = mrml_bridge.image_to_volume_node(image, scene, "reference")
+
+    assert np.allclose(mrml_bridge._matrix_to_numpy(volume.ijk_to_ras), ijk_to_ras(node), atol=1e-4)
+    assert volume.image_data.GetSpacing() == (1.0, 1.0, 1.0) and volume.image_data.GetOrigin() == (0.0, 0.0, 0.0)
+    assert np.array_equal(voxels(volume.image_data), sitk.GetArrayViewFromImage(image))
+
+
+def test_an_unreadable_file_is_a_user_error(tmp_path):
+    path = tmp_path / "broken.nrrd"
+    path.write_text("NRRD0004\ntype: what\n")
+    with pytest.raises(UserError, match="cannot read"):
+        mrml_bridge.read_volume_file(path)
+
+
+def test_import_volumes_builds_no_surface_unless_asked(small_ct, pancreas_label, tmp_path):
+    scene = new_scene()
+    ct_node = read_with_slicer(scene, small_ct)
+    path = tmp_path / "mask.nrrd"
+    sitk.WriteImage(sitk.Cast(pancreas_label, sitk.sitkUInt8), str(path), False)
+
+    outputs = mrml_bridge.import_volumes(scene, ct_node, mrml_bridge.read_volume_file(path), {})
+
+    segment = outputs.segmentation_node.GetSegmentation().GetSegment("Pancreas")
+    assert segment.GetRepresentation("Closed surface") is None
+    labels, _, _ = merged_labelmap(outputs.segmentation_node)
+    assert np.array_equal(labels > 0, sitk.GetArrayViewFromImage(pancreas_label) > 0)
+    assert outputs.segmentation_node.CreateClosedSurfaceRepresentation()  # Show 3D: the rule is registered
+    assert segment.GetRepresentation("Closed surface").GetNumberOfPoints() > 100
+
+
+@pytest.mark.parametrize("label", list(mrml_bridge.ATTENTION_COLOUR_MAPS))
+def test_attention_colour_maps_exist_in_a_bare_scene(run, label):
+    scene, _, outputs, *_ = run
+    node = outputs.attention_nodes["combined"]
+    mrml_bridge.set_attention_colour_map(scene, node, label)
+    colour = scene.GetNodeByID(node.GetDisplayNode().GetColorNodeID())
+    assert colour is not None and colour.GetNumberOfColors() > 1
+    count = scene.GetNumberOfNodes()
+    mrml_bridge.set_attention_colour_map(scene, node, label)  # twice: the colour node is not added again
+    assert scene.GetNumberOfNodes() == count
+    mrml_bridge.set_attention_colour_map(scene, node, mrml_bridge.DEFAULT_COLOUR_MAP)
+
+
+def test_the_default_colour_map_is_the_heat_map_the_import_gives(run):
+    scene, _, outputs, *_ = run
+    node = outputs.attention_nodes["level3"]
+    imported = node.GetDisplayNode().GetColorNodeID()
+    mrml_bridge.set_attention_colour_map(scene, node, mrml_bridge.DEFAULT_COLOUR_MAP)
+    assert node.GetDisplayNode().GetColorNodeID() == imported == "vtkMRMLPETProceduralColorNodePET-Heat"
+
+
+def test_importing_the_bridge_loads_no_simpleitk():
+    """L9: nothing happens at import (the surface rule is registered on first use) and SimpleITK waits."""
+    import subprocess
+    import sys
+
+    from AttentionUNetSegLib import protocol
+
+    code = ("import sys, slicer; from AttentionUNetSegLib import mrml_bridge; "
+            "print('SimpleITK' in sys.modules, len(slicer.vtkSegmentationConverterFactory.GetInstance()"
+            ".GetConverterRules()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=protocol.child_environment(), check=True)
+    assert done.stdout.split() == ["False", "0"]

@@ -18,7 +18,8 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import WeightsError
 from .imageio import replacing
-from .locations import model_card_path, models_dir
+from .locations import models_dir
+from .model_card import model_card_text  # noqa: F401 -- re-exported for the CLI's info
 from .network import AttentionUNet3D, NetworkConfig
 
 METADATA_KEY = "attention_unet_seg"
@@ -164,8 +165,3 @@ def _safetensors_metadata(data: bytes) -> dict:
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
     return header.get("__metadata__") or {}
-
-
-def model_card_text() -> str:
-    card = model_card_path()
-    return card.read_text(encoding="utf-8") if card.is_file() else ""
