@@ -47,7 +47,8 @@ BONE_HU = 120.0
 SEGMENT_RGB = np.array(PANCREAS_SEGMENT["color"], dtype=float)
 SERVER_START_S = 120
 RESULT_WAIT_MS = 120_000
-STATUS_WITH_VOLUME = re.compile(r"Pancreas: ([0-9.]+) mL \(([0-9.]+) s on (\w+)\)")
+STATUS_WITH_VOLUME = re.compile(
+    r"Pancreas: ([0-9.]+) mL, (ok|check: [^(]+) \(confidence [0-9.]+\) \(([0-9.]+) s on (\w+)\)")  # JS-compatible
 
 
 # ---- model, server, browser ----------------------------------------------------------------------------
@@ -56,6 +57,16 @@ STATUS_WITH_VOLUME = re.compile(r"Pancreas: ([0-9.]+) mL \(([0-9.]+) s on (\w+)\
 @pytest.fixture(scope="module")
 def bone_model(tmp_path_factory) -> Path:
     """See the module docstring: a model file that segments the voxels above 120 HU."""
+    return threshold_model(tmp_path_factory.mktemp("model") / "bone.safetensors", BONE_HU)
+
+
+@pytest.fixture(scope="module")
+def nothing_model(tmp_path_factory) -> Path:
+    """The same network with a threshold above the HU window: it finds nothing anywhere."""
+    return threshold_model(tmp_path_factory.mktemp("model") / "nothing.safetensors", 5000.0)
+
+
+def threshold_model(path: Path, threshold_hu: float) -> Path:
     import torch
     from AttentionUNetSegLib.network import AttentionUNet3D, NetworkConfig
     from AttentionUNetSegLib.weights import ModelSpec, save_model
@@ -66,7 +77,7 @@ def bone_model(tmp_path_factory) -> Path:
     )
     network = AttentionUNet3D(spec.network)
     low, high = spec.hu_range
-    threshold = (BONE_HU - low) / (high - low)  # on the engine's [0, 1] intensity scale
+    threshold = (threshold_hu - low) / (high - low)  # on the engine's [0, 1] intensity scale
     with torch.no_grad():
         for conv in (network.encoders[0][0][0], network.encoders[0][1][0]):
             _identity_kernel(conv)
@@ -80,7 +91,6 @@ def bone_model(tmp_path_factory) -> Path:
         network.final.weight.zero_()
         network.final.bias.zero_()
         network.final.weight[1, 1] = 1.0  # the pancreas logit of head 0
-    path = tmp_path_factory.mktemp("model") / "bone.safetensors"
     save_model(network, spec, path)
     return path
 
@@ -286,10 +296,14 @@ def test_page_shows_the_ct_in_slicer_views_with_the_abdomen_window(page_with_ct)
 def test_segment_pancreas_shows_the_segment_in_2d_and_3d_with_volume_time_and_device(page_with_ct, result):
     page = page_with_ct
     assert segment_pixels(result["axial_before"]) == 0  # grey CT only, before the run
-    volume_ml, seconds, device = STATUS_WITH_VOLUME.search(result["status"]).groups()
+    volume_ml, verdict, seconds, device = STATUS_WITH_VOLUME.search(result["status"]).groups()
+    verdict = verdict.strip()
     assert float(volume_ml) > 50 and device == "cpu"  # the bone of the small CT is about 138 mL
     assert page.get_by_role("cell", name=f"{volume_ml} mL").is_visible()
     assert page.get_by_role("cell", name=f"{seconds} s").is_visible()
+    shown = page.locator(".verdict-text")  # the verdict beside the volume, in a warning colour when in doubt
+    assert verdict in shown.inner_text()
+    assert ("warning" in shown.get_attribute("class")) == verdict.startswith("check")
     assert page.get_by_role("button", name="Segment Pancreas").is_enabled()  # not "Cancel" any more
     assert page.get_by_role("progressbar").get_attribute("aria-valuenow") == "100"
 
@@ -397,6 +411,36 @@ def test_window_level_presets_and_scrolling_change_the_axial_view(page_with_ct):
 
 # The app's own handlers, called as the page calls them, in a process of its own (the app needs an event loop
 # and offscreen views of its own). Cancel comes straight after Segment, so it lands before the first tile.
+NOT_FOUND_SCENARIO = """
+import asyncio, json, sys
+from AttentionUNetSegLib.engine import Segmenter
+from AttentionUNetSegTools.webapp.app import PancreasWebApp
+
+async def segment(ct, model):
+    app = PancreasWebApp(Segmenter(model))
+    app.state.server_path = ct
+    app.load_server_path()
+    await app.background_task
+    app.segment_or_cancel()
+    await app.background_task
+    state = {key: app.state[key] for key in ("status", "segmenting", "has_result", "error_message")}
+    return {**state, "segmentations": app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")}
+
+print(json.dumps(asyncio.run(segment(*sys.argv[1:]))))
+"""
+
+
+def test_no_pancreas_found_is_said_and_no_empty_segment_is_shown(small_ct, nothing_model):
+    env = {**os.environ, "VTK_DEFAULT_OPENGL_WINDOW": "vtkEGLRenderWindow"}
+    run = subprocess.run([sys.executable, "-c", NOT_FOUND_SCENARIO, str(small_ct), str(nothing_model)],
+                         capture_output=True, text=True, timeout=240, env=env, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["status"].startswith("No pancreas found: ")
+    assert not seen["segmenting"] and not seen["has_result"] and not seen["error_message"]
+    assert seen["segmentations"] == 0
+
+
 CANCEL_SCENARIO = """
 import asyncio, json, sys
 from AttentionUNetSegLib.engine import Segmenter
