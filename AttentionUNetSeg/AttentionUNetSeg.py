@@ -192,10 +192,34 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = parameters.showAttention
         display = (parameters.attentionMap, parameters.showAttention, parameters.attentionOpacity,
                    parameters.attentionColorMap, parameters.show3D)
-        if display != self._shownDisplay and self.logic.hasResult() and not self.logic.busy:
-            self._shownDisplay = display  # other parameters (a new input, say) leave the views alone
-            self.logic.showAttention(*display[:4])
-            self.logic.showSurface(parameters.show3D)
+        if display == self._shownDisplay or not self.logic.hasResult() or self.logic.busy:
+            return  # other parameters (a new input, say) leave the views alone
+        if parameters.showAttention and not self.logic.lastResult.has_map(parameters.attentionMap):
+            self.computeAttentionMap(parameters.attentionMap)
+            return
+        self._shownDisplay = display
+        self.logic.showAttention(*display[:4])
+        self.logic.showSurface(parameters.show3D)
+
+    def computeAttentionMap(self, mapName):
+        """A gate the run did not compute: a second, maps-only run in the background (Cancel stops it)."""
+        parameters = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(f"Could not compute the {mapName} attention map."):
+            self.ui.statusLabel.text = f"Computing the {mapName} attention map..."
+            self.logic.computeAttentionMap(mapName, device=DEVICE_CHOICES[parameters.device],
+                                           quality=parameters.quality, waitForCompletion=False,
+                                           progressCallback=self.onProgress, completionCallback=self.onMapComputed)
+        self.updateApplyButton()
+
+    def onMapComputed(self, result, error):
+        self.updateApplyButton()
+        if error is None:
+            self.ui.statusLabel.text = "Done."
+            self.onParameterChanged()
+        elif isinstance(error, Cancelled):
+            self.ui.statusLabel.text = "Cancelled; the attention map shown is unchanged."
+        else:
+            self.ui.statusLabel.text = f"Failed: {error}"
 
     def updateApplyButton(self):
         if self.logic.importing:  # a click now would start a second run: wait for the import to end
@@ -375,9 +399,25 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
             raise UserError(f"Python packages missing: {', '.join(missing)}", "they are installed on first use",
                             "click Segment Pancreas in the module panel, or call logic.installDependencies()")
         run = runner.SegmentationRun(slicer.mrmlScene, volumeNode, segmentationNode, device=device,
-                                     quality=quality, maps=protocol.ATTENTION_MAP_NAMES, shown_maps=(attentionMap,),
-                                     python=pythonExecutable(), work_root=slicer.app.temporaryPath)
+                                     quality=quality, maps=(attentionMap,), python=pythonExecutable(),
+                                     work_root=slicer.app.temporaryPath)
         self.discardResult()
+        return self._launch(run, waitForCompletion, progressCallback, completionCallback)
+
+    def computeAttentionMap(self, mapName, device="auto", quality="full", waitForCompletion=True,
+                            progressCallback=None, completionCallback=None):
+        """Compute one more attention map of the last result's CT in a maps-only run (the segmentation stays);
+        arguments and return as for :meth:`segmentPancreas`."""
+        if self.busy:
+            raise UserError("a segmentation is already running", "", "wait for it to finish or cancel it")
+        if not self.hasResult():
+            raise UserError("there is no result to add an attention map to", "", "segment the pancreas first")
+        run = runner.SegmentationRun(slicer.mrmlScene, self.lastResult.input_node, device=device, quality=quality,
+                                     maps=(mapName,), maps_only=True, python=pythonExecutable(),
+                                     work_root=slicer.app.temporaryPath)
+        return self._launch(run, waitForCompletion, progressCallback, completionCallback)
+
+    def _launch(self, run, waitForCompletion, progressCallback, completionCallback):
         run.start()
         logger.info("Running %s", " ".join(run.command))
         if waitForCompletion:
@@ -385,7 +425,7 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
                 if progressCallback:
                     progressCallback(progress.fraction, progress.text)
 
-            return self._finished(run.wait(report, idle=slicer.app.processEvents))
+            return self._finished(run, run.wait(report, idle=slicer.app.processEvents))
         run.on_progress = progressCallback
         run.on_complete = completionCallback
         self._run = run
@@ -454,13 +494,16 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
             run.on_progress(1.0, "Importing the result into the scene")
         slicer.app.processEvents()
         try:
-            result = self._finished(run.finish())
+            result = self._finished(run, run.finish())
         except Exception as exc:  # noqa: BLE001 -- every failure goes to the caller's completion callback
             self._complete(run, None, exc)
             return
         self._complete(run, result, None)
 
-    def _finished(self, result):
+    def _finished(self, run, result):
+        if run.maps_only:
+            self.lastResult.add_maps(result)
+            return self.lastResult
         self.lastResult = result
         logger.info("%s; %.1f s on %s", result.summary(), result.seconds, result.device)
         return result
@@ -583,6 +626,12 @@ class AttentionUNetSegTest(ScriptedLoadableModuleTest):
         self.assertIs(second.outputs.segmentation_node, first.outputs.segmentation_node)
         self.assertEqual(second.outputs.attention_nodes["combined"].GetID(),
                          first.outputs.attention_nodes["combined"].GetID())
+
+        self.delayDisplay("Another gate, computed when first shown")
+        logic.computeAttentionMap("level3", device="cpu")
+        level3 = logic.lastResult.attention_node("level3")
+        self.assertEqual(level3.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
+        self.assertIs(logic.lastResult.outputs.segmentation_node, first.outputs.segmentation_node)
 
         self.delayDisplay("Cancel ends the process tree at once and leaves the scene unchanged")
         self.assertCancelEndsTheRun(logic, volume, second)

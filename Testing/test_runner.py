@@ -57,7 +57,7 @@ def first_run(small_ct, tiny_model, tmp_path_factory):
     work_root = tmp_path_factory.mktemp("first_run")
     updates: list[protocol.Progress] = []
     idle_calls = []
-    run = started_run(scene, volume, tiny_model, work_root, maps=protocol.ATTENTION_MAP_NAMES)
+    run = started_run(scene, volume, tiny_model, work_root, maps=("combined", "level3"))
     result = run.wait(updates.append, idle=lambda: idle_calls.append(1))
     return scene, volume, result, updates, work_root, len(idle_calls)
 
@@ -100,6 +100,20 @@ def test_other_gates_are_imported_on_demand_from_the_childs_files(first_run):
     assert level3.GetNodeReferenceID(mrml_bridge.INPUT_ROLE) == volume.GetID()
     assert image_data_voxels(level3.GetImageData()).max() > 0
     assert result.attention_node("level9") is None
+
+
+def test_a_maps_only_run_adds_a_gate_and_leaves_the_segmentation(first_run, tiny_model, tmp_path):
+    scene, volume, result, *_ = first_run
+    if not result.found:
+        pytest.skip("the tiny model found nothing on this CT")
+    segmentation = result.outputs.segmentation_node
+    mask_time, before = segmentation.GetMTime(), len(node_ids(scene))
+    later = started_run(scene, volume, tiny_model, tmp_path, maps=("level4",), maps_only=True).wait()
+    assert set(later.outputs.attention_nodes) == {"level4"} and later.outputs.segmentation_node is None
+    assert segmentation.GetMTime() == mask_time and len(node_ids(scene)) == before + 2
+    result.add_maps(later)
+    assert result.has_map("level4") and result.attention_node("level4").GetName() == "Small CT attention level4"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_attention_is_zero_off_the_body(first_run):

@@ -170,6 +170,18 @@ class RunResult:
             nodes[name] = mrml_bridge.add_attention_map(self._scene, self._volume_node, name, volume)
         return nodes.get(name)
 
+    @property
+    def input_node(self):
+        return self._volume_node
+
+    def has_map(self, name: str) -> bool:
+        """Whether map ``name`` is in the scene or can be imported from the child's files."""
+        return self.outputs is not None and (name in self.outputs.attention_nodes or name in self.maps_on_disk)
+
+    def add_maps(self, later: RunResult) -> None:
+        """Take over the maps a later ``maps_only`` run on the same input imported."""
+        self.outputs.attention_nodes.update(later.outputs.attention_nodes)
+
     def discard_files(self) -> None:
         """Remove the child's files (the maps not imported can then no longer be shown)."""
         self.maps_on_disk.clear()
@@ -183,12 +195,15 @@ class SegmentationRun:
     ``scene`` is a vtkMRMLScene (Slicer's or slicer-core's); nothing in it changes before ``finish``.
     ``maps`` are the attention maps the child computes; ``shown_maps`` those imported at once, the others
     on demand (:meth:`RunResult.attention_node`) from the files, kept until :meth:`RunResult.discard_files`.
-    Callbacks a front end attaches (``on_progress``, ``on_complete``) travel with the run.
+    ``maps_only`` imports only the maps (a later request for a gate the first run did not compute; the
+    segmentation is left as it is). Callbacks a front end attaches (``on_progress``, ``on_complete``)
+    travel with the run.
     """
 
     def __init__(self, scene, volume_node, segmentation_node=None, *, device: str = "auto", quality: str = "full",
                  maps: tuple[str, ...] = ("combined",), shown_maps: tuple[str, ...] | None = None,
-                 weights: Path | None = None, python: str | None = None, work_root: str | Path | None = None):
+                 maps_only: bool = False, weights: Path | None = None, python: str | None = None,
+                 work_root: str | Path | None = None):
         refuse_as_input(volume_node)
         if quality not in protocol.QUALITY_CHOICES:
             raise ValueError(f"quality must be one of {protocol.QUALITY_CHOICES}, not {quality!r}")
@@ -196,6 +211,7 @@ class SegmentationRun:
         self.scene, self.volume_node, self.segmentation_node = scene, volume_node, segmentation_node
         self.device, self.quality, self.weights, self.maps = device, quality, weights, tuple(maps)
         self.shown_maps = self.maps[:1] if shown_maps is None else tuple(shown_maps)
+        self.maps_only = maps_only
         self.python = python or sys.executable
         self.work_root = work_root
         self.child: ChildProcess | None = None
@@ -311,7 +327,11 @@ class SegmentationRun:
     def _import(self, report: protocol.ChildResult) -> RunResult:
         on_disk = {name: protocol.map_path(self._work_dir, name) for name in self.maps}
         result = RunResult(report, 0.0, None, on_disk, self._work_dir, self.scene, self.volume_node)
-        if result.found:  # an empty segment is no result: the scene stays as it was
+        if self.maps_only:
+            result.outputs = mrml_bridge.SegmentationOutputs(None)
+            for name in self.shown_maps:
+                result.attention_node(name)
+        elif result.found:  # an empty segment is no result: the scene stays as it was
             mask = mrml_bridge.read_volume_file(self._work_dir / protocol.SEGMENTATION_FILE)
             shown = {name: mrml_bridge.read_volume_file(on_disk.pop(name)) for name in self.shown_maps}
             result.outputs = mrml_bridge.import_volumes(self.scene, self.volume_node, mask, shown,
