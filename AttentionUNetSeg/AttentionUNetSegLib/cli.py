@@ -34,11 +34,14 @@ PROGRESS_MODES = ("bar", "lines", "none")
 Writer = Callable[[Path], None]
 
 
-def main(argv: list[str] | None = None, command_modules: dict[str, str] | None = None) -> int:
+def main(argv: list[str] | None = None, command_modules: dict[str, str] | None = None,
+         segment_extras: tuple[str, ...] = ()) -> int:
     """Run one command. ``command_modules`` maps further subcommands to modules with
-    ``add_arguments(parser)`` and ``run(args) -> int``, imported only when used."""
+    ``add_arguments(parser)`` and ``run(args) -> int``, imported only when used. ``segment_extras``: modules
+    adding outputs to ``segment`` (the tools' ``--dicom-seg``), with ``add_segment_arguments(parser)`` and
+    ``segment_outputs(args) -> ((result, model_name) -> {path: writer})``, called before any work."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_command_in(argv), command_modules or {}).parse_args(argv)
+    args = build_parser(_command_in(argv), command_modules or {}, segment_extras).parse_args(argv)
     with _one_line_warnings(), _terminate_as_interrupt():
         try:
             return args.run(args)
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None, command_modules: dict[str, str] | None =
             return 1
 
 
-def build_parser(command: str | None = None, command_modules: dict[str, str] | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, command_modules: dict[str, str] | None = None,
+                 segment_extras: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """The full parser. Of the module subcommands only ``command`` is imported, or all for the overview."""
     parser = argparse.ArgumentParser(
         prog="attention-unet-seg",
@@ -68,7 +72,7 @@ def build_parser(command: str | None = None, command_modules: dict[str, str] | N
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of unexpected errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_segment(commands)
+    _add_segment(commands, segment_extras if command in (None, "segment") else ())
     _add_info(commands)
     for name, module_name in (command_modules or {}).items():
         if command not in (None, name):
@@ -86,7 +90,7 @@ def _command_in(argv: list[str]) -> str | None:
     return next((word for word in argv if not word.startswith("-")), None)
 
 
-def _add_segment(commands) -> None:
+def _add_segment(commands, extras: tuple[str, ...] = ()) -> None:
     from .engine import ATTENTION_MAP_NAMES
 
     parser = commands.add_parser(
@@ -109,7 +113,10 @@ def _add_segment(commands) -> None:
                         help="test-time augmentation: a second, shifted pass (about twice the inference time); "
                         "averaged in, and the passes' agreement informs the verdict")
     add_model_arguments(parser)
-    parser.set_defaults(run=run_segment)
+    modules = [importlib.import_module(name) for name in extras]
+    for module in modules:
+        module.add_segment_arguments(parser)
+    parser.set_defaults(run=run_segment, segment_extras=modules)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, progress: bool = True) -> None:
@@ -138,6 +145,7 @@ def run_segment(args: argparse.Namespace) -> int:
     maps_dir = outputs.check_output_folder(args.attention_maps) if args.attention_maps else None
     map_names = _map_names(args.map_names) if maps_dir else []
     outputs.refuse_clashes([args.input], [p for p in (label_path, attention_path, report_path) if p])
+    extra_outputs = [module.segment_outputs(args) for module in getattr(args, "segment_extras", ())]
 
     image = imageio.read_image(args.input)
     segmenter = load_segmenter(args)
@@ -153,6 +161,8 @@ def run_segment(args: argparse.Namespace) -> int:
     if report_path:
         writers[report_path] = outputs.json_writer(
             outputs.report(result, seconds, outputs.model_name(segmenter.model)))
+    for extra in extra_outputs:
+        writers.update(extra(result, outputs.model_name(segmenter.model)))
     outputs.write_outputs(writers)
     print(outputs.summary_line(result, seconds), flush=True)
     return 0
@@ -212,10 +222,9 @@ def describe_model(path: Path) -> str:
 
 
 def load_segmenter(args: argparse.Namespace):
-    """Device first (cheap to check), then the verified weights."""
-    from .engine import SegmentationOptions, Segmenter, resolve_device
+    """The verified weights on the device asked for."""
+    from .engine import SegmentationOptions, Segmenter
 
-    resolve_device(args.device)
     options = SegmentationOptions(device=args.device, quality="fast" if args.fast else "full",
                                   tta=getattr(args, "tta", False))
     return Segmenter(args.weights, options)

@@ -99,9 +99,9 @@ class Segmenter:
     """Holds a loaded model; ``segment`` may be called for many images."""
 
     def __init__(self, model: LoadedModel | str | Path | None = None, options: SegmentationOptions | None = None):
-        self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.options = options or SegmentationOptions()
-        self.device = resolve_device(self.options.device)
+        self.device = resolve_device(self.options.device)  # first: cheap, and says what is wrong before the load
+        self.model = model if isinstance(model, LoadedModel) else load_model(model)
 
     def segment(
         self,

@@ -15,12 +15,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from AttentionUNetSegLib import geometry
-from AttentionUNetSegLib.engine import ATTENTION_SCALE
+from AttentionUNetSegLib.engine import AIR_HU, ATTENTION_SCALE
 from AttentionUNetSegLib.imageio import PANCREAS_SEGMENT, replacing
 
 ABDOMEN_WINDOW_HU = (-160.0, 240.0)  # level 40, width 400
 MAX_PIXELS_PER_SIDE = 512
-AIR_HU = -1024.0
 # As Slicer and the web app show it (mrml_bridge): a heat map, transparent below 0.2, half opaque.
 ATTENTION_SHOWN_FROM = 0.2
 ATTENTION_OPACITY = 0.5
