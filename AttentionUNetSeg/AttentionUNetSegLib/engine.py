@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ class SegmentationResult:
     device: str
     timings: dict[str, float]
     verdict: Verdict
+    evidence: Evidence = field(repr=False)  # what the verdict was drawn from
 
     @property
     def found(self) -> bool:
@@ -143,7 +144,7 @@ class Segmenter:
         report(0.9, "Post-processing")
         probability = _paste(probability, box, volume.shape)
         kept = _largest_filled_component(probability > 0.5, grid)
-        verdict = verdict_of(Evidence.measure(probability, kept, volume, body, grid.GetSpacing(), agreement))
+        evidence = Evidence.measure(probability, kept, volume, body, grid.GetSpacing(), agreement)
         model_maps = _attention_maps(alphas, box, volume.shape, body, maps)
         timings["postprocess"] = time.perf_counter() - clock
 
@@ -154,7 +155,7 @@ class Segmenter:
         timings["resample"] = time.perf_counter() - clock
         report(1.0, "Done")
         volume_ml = _volume_ml(mask)
-        return SegmentationResult(mask, attention, volume_ml, device_used, timings, verdict)
+        return SegmentationResult(mask, attention, volume_ml, device_used, timings, verdict_of(evidence), evidence)
 
     def _normalise(self, volume: np.ndarray) -> np.ndarray:
         return normalise_hu(volume, self.model.spec.hu_range)

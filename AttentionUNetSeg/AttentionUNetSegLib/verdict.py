@@ -80,7 +80,7 @@ class Evidence:
         return float(np.clip(self.boundary_certainty * share * agreement, 0.0, 1.0))
 
 
-def verdict_of(evidence: Evidence) -> Verdict:
+def verdict_of(evidence: Evidence, ok_confidence: float = OK_CONFIDENCE) -> Verdict:
     """The first reason to doubt, in order of how much it says; ``ok`` only when there is none."""
     confidence = round(evidence.confidence, 3)
     if evidence.volume_ml < MIN_FOUND_ML:
@@ -92,7 +92,7 @@ def verdict_of(evidence: Evidence) -> Verdict:
         (evidence.touches_edge, "reaches the edge of the scan: the gland may be cut off"),
         (evidence.candidates_ml and evidence.volume_ml / evidence.candidates_ml < MIN_LARGEST_SHARE,
          "the model found several separate candidates"),
-        (confidence < OK_CONFIDENCE, "the model is unsure of the outline"),
+        (confidence < ok_confidence, "the model is unsure of the outline"),
     ]
     reason = next((text for doubt, text in reasons if doubt), "")
     return Verdict(CHECK if reason else OK, confidence, reason)

@@ -1,0 +1,99 @@
+"""Calibrate the verdict's "ok" threshold on held-out cases, and say how the verdict does at it.
+
+Segments the calibration cases of ``evaluation.calibration_cases`` (held-out synthetic patients of every
+phase with manual labels, synthetic and real negatives, the real cases with silver labels), then picks the
+lowest confidence at which no case below Dice 0.5 and no negative would be called "ok", and reports how
+many good cases are flagged at that threshold. With ``--tta`` the two-pass agreement is part of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from AttentionUNetSegLib.cli import add_model_arguments, load_segmenter
+from AttentionUNetSegLib.outputs import check_output_folder, json_writer, write_outputs
+from AttentionUNetSegLib.verdict import OK, OK_CONFIDENCE, verdict_of
+
+from .evaluation import GOOD_DICE, calibration_cases
+from .metrics import dice
+
+MARGIN = 0.01  # above the most confident bad case
+
+
+@dataclass(frozen=True)
+class CalibrationCase:
+    name: str
+    source: str
+    phase: str
+    dice: float  # NaN for a negative
+    confidence: float
+    qc_at_default: str
+    doubts_besides_confidence: bool  # another reason than confidence already keeps it from "ok"
+
+    @property
+    def bad(self) -> bool:
+        return math.isnan(self.dice) or self.dice < GOOD_DICE
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--synthetic", type=int, default=16, help="held-out synthetic patients (default: 16)")
+    parser.add_argument("--negatives", type=int, default=6, help="synthetic scans without a pancreas (default: 6)")
+    parser.add_argument("--tta", action="store_true", help="calibrate the verdict of runs with --tta")
+    parser.add_argument("--output-dir", type=Path, default=Path("calibration"), help="where to write the tables")
+    add_model_arguments(parser, progress=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    output_dir = check_output_folder(args.output_dir)
+    segmenter = load_segmenter(args)
+    cases = [measure(segmenter, *case) for case in calibration_cases(args.synthetic, args.negatives)]
+    threshold = ok_threshold(cases)
+    summary = {"model": segmenter.model.path.name, "tta": args.tta, "cases": len(cases),
+               "ok_threshold": threshold, **rates(cases, threshold)}
+    write_outputs({output_dir / "calibration.json": json_writer({**summary, "cases": [asdict(c) for c in cases]}),
+                   output_dir / "calibration.md": lambda path: path.write_text(markdown(summary, cases))})
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def measure(segmenter, name: str, image: sitk.Image, reference, source: str, phase: str) -> CalibrationCase:
+    result = segmenter.segment(image, maps=())
+    prediction = sitk.GetArrayViewFromImage(result.mask) > 0
+    score = math.nan if reference is None else round(dice(prediction, reference), 4)
+    blocked = verdict_of(result.evidence, ok_confidence=0.0).qc != OK
+    print(f"{name}: Dice {score}, {result.verdict.describe()}", flush=True)
+    return CalibrationCase(name, source, phase, score, round(result.verdict.confidence, 4), result.verdict.qc,
+                           blocked)
+
+
+def ok_threshold(cases: list[CalibrationCase]) -> float:
+    """The lowest confidence at which no bad case (below Dice 0.5, or a negative) would be "ok"."""
+    reachable = [c.confidence for c in cases if c.bad and not c.doubts_besides_confidence]
+    return round(max(reachable) + MARGIN, 3) if reachable else OK_CONFIDENCE
+
+
+def rates(cases: list[CalibrationCase], threshold: float) -> dict:
+    ok = [c for c in cases if not c.doubts_besides_confidence and c.confidence >= threshold]
+    good = [c for c in cases if not c.bad]
+    bad = [c for c in cases if c.bad]
+    return {"ok_on_bad_cases": f"{sum(c.bad for c in ok)} of {len(bad)}",
+            "good_cases_flagged": f"{sum(c not in ok for c in good)} of {len(good)}",
+            "good_cases_flagged_only_for_confidence": sum(c not in ok and not c.doubts_besides_confidence
+                                                          for c in good),
+            "mean_dice_of_ok": round(float(np.mean([c.dice for c in ok])), 3) if ok else None}
+
+
+def markdown(summary: dict, cases: list[CalibrationCase]) -> str:
+    lines = [f"# Verdict calibration ({summary['model']}, TTA {'on' if summary['tta'] else 'off'})", ""]
+    lines += [f"- {key}: {value}" for key, value in summary.items() if key not in ("model", "tta")]
+    lines += ["", "| case | source | phase | Dice | confidence | verdict | other doubt |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c.name} | {c.source} | {c.phase} | {c.dice} | {c.confidence} | {c.qc_at_default} | "
+              f"{'yes' if c.doubts_besides_confidence else ''} |" for c in cases]
+    return "\n".join(lines) + "\n"
