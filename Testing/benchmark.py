@@ -2,6 +2,7 @@
 against MONAI's AttentionUnet of equal width, measured in the same process on the same tiles.
 
     .venv/bin/python Testing/benchmark.py [--threads 2] [--weights FILE]
+    .venv/bin/python Testing/benchmark.py --panel       # the Slicer panel's path beside the CLI
 
 The CT is the real 3 mm abdomen case of ../shared/data resampled onto a 512x512x200 grid (same extent),
 so the work matches a clinical scan of that size. Prints numbers; asserts nothing.
@@ -127,6 +128,52 @@ def throughput(threads: int, tile: int, tiles: int, device: str) -> dict:
     return results
 
 
+PANEL_PARENT = """
+import json, resource, sys, time
+sys.path.insert(0, {lib!r})
+import slicer
+from AttentionUNetSegLib import runner
+scene = slicer.vtkMRMLScene()
+volume = slicer.vtkMRMLScalarVolumeNode()
+volume.SetName("CT")
+scene.AddNode(volume)
+storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+scene.AddNode(storage)
+storage.SetFileName({ct!r})
+storage.ReadData(volume)  # as Slicer loads a CT: its own pixel type
+start = time.perf_counter()
+run = runner.SegmentationRun(scene, volume, device={device!r}, weights={model!r}, work_root={work!r},
+                             maps={maps!r}, shown_maps=("combined",))
+run.start()
+result = run.wait()
+seconds = time.perf_counter() - start
+result.discard_files()
+print(json.dumps({{"seconds": seconds, "parent_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "child_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                  "result": result.summary(), "maps_imported": sorted(result.outputs.attention_nodes)
+                  if result.outputs else []}}))
+"""
+
+
+def panel_path(ct: Path, model: Path, threads: int, device: str, folder: Path, maps=("combined",)) -> dict:
+    """The Slicer panel's path outside Slicer, in a fresh process: a volume node in a real slicer-core scene ->
+    the child process -> the segmentation and the map shown (combined, as the panel asks by default) in the
+    scene. Seconds from Apply to the result in the scene; peak RSS of that parent process and of its child."""
+    work = folder / "panel"
+    work.mkdir()
+    code = PANEL_PARENT.format(lib=str(REPO / "AttentionUNetSeg"), ct=str(ct), device=device, model=str(model),
+                               maps=maps, work=str(work))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"panel path failed: {done.stderr.strip()}")
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    parent, child = measured["parent_kib"] / 2**20, measured["child_kib"] / 2**20
+    return {"seconds": round(measured["seconds"], 2), "peak_rss_parent_gib": round(parent, 2),
+            "peak_rss_child_gib": round(child, 2), "peak_rss_parent_plus_child_gib": round(parent + child, 2),
+            "result": measured["result"], "maps_imported": measured["maps_imported"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -134,11 +181,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tile", type=int, default=96)
     parser.add_argument("--tiles", type=int, default=4)
+    parser.add_argument("--panel", action="store_true", help="only the Slicer panel's path, and the CLI beside it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         ct = make_clinical_size_ct(folder)
         model = benchmark_model(folder, args.weights)
+        if args.panel:
+            print(json.dumps({"input": "512x512x200 CT (real abdomen resampled)", "model": model.name,
+                              "end_to_end_cli": end_to_end(ct, model, args.threads, args.device, folder),
+            "panel_path": panel_path(ct, model, args.threads, args.device, folder),
+                              "panel_path": panel_path(ct, model, args.threads, args.device, folder)}, indent=2))
+            return
         report = {
             "input": "512x512x200 CT (real abdomen resampled)",
             "model": str(model.name),

@@ -354,3 +354,30 @@ def test_a_new_input_resets_only_an_output_made_for_another_ct():
                               if isinstance(n, ast.FunctionDef) and n.name == "onParameterChanged"))
     reset = source.index("parameters.outputSegmentation = None")
     assert source.index("if inputID != self._shownInputID") < reset
+
+
+def method_source(class_name: str, method: str) -> str:
+    return ast.unparse(next(n for n in ast.walk(class_def(class_name))
+                            if isinstance(n, ast.FunctionDef) and n.name == method))
+
+
+def test_a_click_during_the_import_cannot_start_a_second_run():
+    """M3: the run stays current (and the button disabled) until its completion callback ran; the callbacks
+    travel with the run, not with the logic."""
+    poll = method_source("AttentionUNetSegLogic", "_poll")
+    assert poll.index("self.importing = True") < poll.index("slicer.app.processEvents()") < poll.index("finish()")
+    assert "self._run = None" not in poll
+    complete = method_source("AttentionUNetSegLogic", "_complete")
+    assert complete.index("self._run = None") < complete.index("run.on_complete(result, error)")
+    apply = method_source("AttentionUNetSegWidget", "onApplyButton")
+    assert apply.index("if self.logic.importing:") < apply.index("self.logic.cancel()")
+    button = method_source("AttentionUNetSegWidget", "updateApplyButton")
+    assert button.index("if self.logic.importing:") < button.index("self.ui.applyButton.enabled = False")
+    assert "_completionCallback" not in MODULE_FILE.read_text()
+
+
+def test_dependencies_are_installed_outside_the_wait_cursor():
+    """L10: confirmation dialogs never appear under a wait cursor."""
+    apply = method_source("AttentionUNetSegWidget", "onApplyButton")
+    install = apply.index("installDependencies")
+    assert "waitCursor=True" not in apply[:install] and apply.index("waitCursor=True") > install
