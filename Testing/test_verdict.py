@@ -50,7 +50,7 @@ def test_a_scan_without_the_pancreas_gets_no_ok(bundled, abdomen_ct, data_dir):
 
 def evidence(**changes) -> Evidence:
     values = dict(volume_ml=60.0, candidates_ml=62.0, mean_probability=0.95, boundary_certainty=0.9, agreement=None,
-                  touches_edge=False, lung_fraction=0.05)
+                  touches_edge=False, lung_fraction=0.05, spine_offset_mm=(70.0, 20.0))
     return Evidence(**{**values, **changes})
 
 
@@ -67,6 +67,8 @@ def test_a_plausible_certain_gland_is_ok():
     ({"candidates_ml": 120.0}, "several separate candidates"),
     ({"boundary_certainty": 0.5}, "unsure"),
     ({"agreement": 0.4}, "unsure"),
+    ({"spine_offset_mm": (-30.0, 0.0)}, "not in front of the spine"),  # behind it: the back muscles
+    ({"spine_offset_mm": (60.0, -120.0)}, "not in front of the spine"),  # far to the right: the liver
 ])
 def test_each_doubt_turns_ok_into_check_with_its_reason(changes, reason):
     result = verdict_of(evidence(**changes))
@@ -96,5 +98,9 @@ def test_evidence_is_measured_from_the_arrays():
     assert measured.mean_probability == pytest.approx(0.95)
     assert measured.lung_fraction == pytest.approx(8 / 30)
     assert not measured.touches_edge and measured.agreement == 0.8
+    assert measured.spine_offset_mm is None  # no bone in view
+    hu[:, 24:28, 13:17] = 700.0  # a spine behind the gland (+y is posterior), at the middle of the body
+    ahead, left = Evidence.measure(probability, kept, hu, body, SPACING, None).spine_offset_mm
+    assert ahead == pytest.approx((25.5 - 14.5) * 3) and left == pytest.approx((14.5 - 14.5) * 3)
     kept[0] = True
     assert Evidence.measure(probability, kept, hu, body, SPACING, None).touches_edge

@@ -19,6 +19,12 @@ MIN_LARGEST_SHARE = 0.8  # the kept component's share of all voxels above 0.5
 MAX_LUNG_FRACTION = 0.3  # air inside the body around the mask: lungs mean the chest, not the pancreas
 OK_CONFIDENCE = 0.75  # calibrated: the lowest confidence at which held-out cases were all Dice >= 0.5
 LUNG_HU = -400.0
+BONE_HU = 200.0
+# Where the pancreas lies relative to the spine's centre on the same slices, in mm on the model grid (LPS: -y
+# is anterior, +x the patient's left): in front of it and mostly to its left (on the real cases here:
+# 57-79 mm in front, 17-46 mm to the left).
+MIN_SPINE_VOXELS = 20
+SPINE_OFFSET_MM = {"anterior": (15.0, 150.0), "left": (-70.0, 130.0)}
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class Evidence:
     agreement: float | None  # Dice between the two test-time-augmented passes, None without TTA
     touches_edge: bool  # the kept component reaches the first or last slice of the scan
     lung_fraction: float  # share of air in the body on the slices the mask spans
+    spine_offset_mm: tuple[float, float] | None = None  # (anterior, left) of the spine; None: no spine seen
 
     @classmethod
     def measure(cls, probability: np.ndarray, kept: np.ndarray, hu: np.ndarray, body: np.ndarray,
@@ -67,6 +74,7 @@ class Evidence:
             agreement=agreement,
             touches_edge=bool(slices.min() == 0 or slices.max() == kept.shape[0] - 1),
             lung_fraction=float((hu[span][body_span] < LUNG_HU).mean()) if body_span.any() else 0.0,
+            spine_offset_mm=_spine_offset(kept[span], hu[span], body_span, spacing),
         )
 
     @property
@@ -90,12 +98,35 @@ def verdict_of(evidence: Evidence, ok_confidence: float = OK_CONFIDENCE) -> Verd
         (evidence.volume_ml < PLAUSIBLE_ML[0], f"small ({evidence.volume_ml:.0f} mL): part of the gland may be missed"),
         (evidence.volume_ml > PLAUSIBLE_ML[1], f"large ({evidence.volume_ml:.0f} mL): may include other tissue"),
         (evidence.touches_edge, "reaches the edge of the scan: the gland may be cut off"),
+        (not _where_the_pancreas_lies(evidence.spine_offset_mm), "not in front of the spine, where the pancreas lies"),
         (evidence.candidates_ml and evidence.volume_ml / evidence.candidates_ml < MIN_LARGEST_SHARE,
          "the model found several separate candidates"),
         (confidence < ok_confidence, "the model is unsure of the outline"),
     ]
     reason = next((text for doubt, text in reasons if doubt), "")
     return Verdict(CHECK if reason else OK, confidence, reason)
+
+
+def _spine_offset(kept: np.ndarray, hu: np.ndarray, body: np.ndarray, spacing) -> tuple[float, float] | None:
+    """The mask's centroid minus the spine's (bone in the middle third of the body's width), in mm."""
+    columns = np.nonzero(body.any(axis=(0, 1)))[0]
+    if not columns.size:
+        return None
+    middle, width = (columns.min() + columns.max()) / 2, columns.max() - columns.min()
+    bone = (hu > BONE_HU) & body
+    bone[..., np.abs(np.arange(hu.shape[2]) - middle) > width / 6] = False
+    if bone.sum() < MIN_SPINE_VOXELS:
+        return None
+    _, bone_y, bone_x = np.nonzero(bone)
+    _, mask_y, mask_x = np.nonzero(kept)
+    return (float(bone_y.mean() - mask_y.mean()) * spacing[1], float(mask_x.mean() - bone_x.mean()) * spacing[0])
+
+
+def _where_the_pancreas_lies(offset: tuple[float, float] | None) -> bool:
+    if offset is None:
+        return True  # no spine in view to judge by
+    (low_ap, high_ap), (low_lr, high_lr) = SPINE_OFFSET_MM["anterior"], SPINE_OFFSET_MM["left"]
+    return low_ap <= offset[0] <= high_ap and low_lr <= offset[1] <= high_lr
 
 
 def dilated(mask: np.ndarray) -> np.ndarray:
