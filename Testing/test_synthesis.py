@@ -11,7 +11,20 @@ from AttentionUNetSegTools.cli import main
 from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegTools.synthesis.catalog import DUPLICATES, labelmap_catalog, split_by_patient
 from AttentionUNetSegTools.synthesis.generator import SyntheticCTGenerator
-from AttentionUNetSegTools.synthesis.intensities import PHASE_HU, PHASES
+from AttentionUNetSegTools.synthesis.calibration import MEASURED_HU, measure_tissue_hu
+from AttentionUNetSegTools.synthesis.generator import NEGATIVE_MARGIN_MM
+from AttentionUNetSegTools.synthesis.intensities import (
+    FAT_FRACTION,
+    FAT_HU,
+    KEPT_DARK,
+    PHASE_HU,
+    PHASES,
+    RANDOM_CONTRAST,
+    RANDOM_TISSUE_HU,
+    RANDOMISED_TISSUES,
+    draw_appearance,
+    render,
+)
 from AttentionUNetSegTools.synthesis.shapes import back_in_front, load_tissue_map
 from AttentionUNetSegTools.synthesis.vocabulary import (
     SYNTHETIC_TISSUES,
@@ -172,3 +185,76 @@ def test_synth_command_writes_nifti_and_montage(labelmaps_dir, tmp_path, capsys)
     assert main(["synth", "--labelmaps", str(labelmaps_dir), "--count", "1", "--output-dir", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (out / "montage.png").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("phase", sorted(MEASURED_HU))
+def test_phase_ranges_hold_the_intensities_measured_on_real_ct(data_dir, phase):
+    """The anchors are what the real CT measures (re-measured here), and each phase range holds its anchor."""
+    case, anchors = MEASURED_HU[phase]
+    measured = measure_tissue_hu(data_dir / case)
+    assert set(anchors) <= set(measured)
+    for tissue, hu in anchors.items():
+        assert measured[tissue] == pytest.approx(hu, abs=1.0), tissue
+        low, high = PHASE_HU[tissue][PHASES.index(phase)]
+        if tissue == "pancreas" and phase == "non-contrast":  # the real gland is fatty: drawn as such
+            low = (1 - FAT_FRACTION[1]) * low + FAT_FRACTION[1] * FAT_HU
+        assert low <= hu <= high, (tissue, hu, (low, high))
+
+
+def test_non_contrast_gland_is_drawn_normal_and_fatty():
+    """A normal non-contrast gland (30-50 HU, the case that found nothing) and a fatty one both occur."""
+    rng = np.random.default_rng(0)
+    glands = [draw_appearance(rng, 0.3, 0.0, "non-contrast").pancreas_hu for _ in range(200)]
+    assert sum(30 <= hu <= 50 for hu in glands) > 100 and sum(hu < 15 for hu in glands) > 20
+
+
+def test_random_contrast_randomises_every_tissue_of_the_body():
+    rng = np.random.default_rng(0)
+    looks = [draw_appearance(rng, phase=RANDOM_CONTRAST) for _ in range(30)]
+    assert all(look.phase == RANDOM_CONTRAST for look in looks)
+    for name in ("pancreas", "liver", "visceral_fat", "muscle", "aorta", "vertebra"):
+        means = [look.mean_hu[TISSUE[name]] for look in looks]
+        assert RANDOM_TISSUE_HU[0] <= min(means) and max(means) <= RANDOM_TISSUE_HU[1]
+        assert np.std(means) > 80, name  # spread over the window, not one tissue's usual value
+    assert all(look.mean_hu[TISSUE[name]] < -500 for look in looks for name in KEPT_DARK)
+    assert "pancreas" in RANDOMISED_TISSUES and "lung" not in RANDOMISED_TISSUES
+
+
+def test_fat_muscle_and_bowel_have_texture_without_scanner_noise(cases):
+    case = cases[0]
+    look = dataclasses.replace(case.look, noise_hu=0.0, bias_hu=0.0)
+    image = render(case.tissues, look, np.random.default_rng(0), np.array(case.spacing_mm[::-1]))
+    for names in (("visceral_fat", "subcutaneous_fat"), ("muscle", "wall_muscle"), ("bowel_wall",)):
+        tissue = np.isin(case.tissues, [TISSUE[n] for n in names]) & ndimage.binary_erosion(case.tissues > 0)
+        assert tissue.sum() > 500 and image[tissue].std() > 5.0, names
+
+
+@pytest.mark.parametrize("view", ["above-pancreas", "below-pancreas"])
+def test_negative_views_hold_no_pancreas_and_stay_on_their_side(small_catalog, view):
+    generator = SyntheticCTGenerator(small_catalog, seed=2)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        case = generator.sample_case(rng, view=view)
+        assert case.view == view and not case.pancreas.any() and not (case.tissues == TISSUE["pancreas"]).any()
+        assert case.image.shape[0] * 3.0 >= 60 and case.image.std() > 100  # a scan, not an empty box
+        body = ~np.isin(case.tissues, [TISSUE[n] for n in ("air", "table", "table_foam")])
+        lung = (case.tissues == TISSUE["lung"]).sum() / body.sum()
+        kidney_or_below = np.isin(case.tissues, [TISSUE[n] for n in ("urinary_bladder", "colon", "small_bowel")])
+        if view == "below-pancreas":
+            assert lung < 0.01 and kidney_or_below.any()  # lower abdomen, pelvis: no lung
+    assert NEGATIVE_MARGIN_MM >= 20
+
+
+def test_negatives_come_at_their_rate(small_catalog):
+    generator = SyntheticCTGenerator(small_catalog, seed=4, negative_probability=0.5)
+    rng = np.random.default_rng(4)
+    views = [generator.sample_case(rng).view for _ in range(12)]
+    assert 2 <= views.count("abdomen") <= 10
+    assert all(v in ("abdomen", "above-pancreas", "below-pancreas") for v in views)
+
+
+def test_the_phase_can_be_asked_for(small_catalog):
+    generator = SyntheticCTGenerator(small_catalog, seed=6)
+    for phase in (*PHASES, RANDOM_CONTRAST):
+        case = generator.sample_case(np.random.default_rng(7), phase=phase)
+        assert case.look.phase == phase and case.pancreas.any()

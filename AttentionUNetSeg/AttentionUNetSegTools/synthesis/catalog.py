@@ -42,6 +42,10 @@ DUPLICATES = {
 # Real CT cases whose label maps may join the catalog. The crop repeats ts-abdomen-3mm, and the venous
 # case's pancreas is only a tail tip cut by its field of view, so neither is a useful label map.
 REAL_CASE_MAPS = {"ts-abdomen-3mm": "organs.nii.gz"}
+# The split the training settings use by default (training.config takes these), so evaluation can name the
+# patients training never saw.
+VALIDATION_FRACTION = 0.15
+SPLIT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ def patient_id(source: str, stem: str) -> str:
 
 
 def split_by_patient(
-    entries: list[LabelMapEntry], validation_fraction: float = 0.15, seed: int = 0
+    entries: list[LabelMapEntry], validation_fraction: float = VALIDATION_FRACTION, seed: int = SPLIT_SEED
 ) -> tuple[list[LabelMapEntry], list[LabelMapEntry]]:
     """(train, validation): every map of one patient lands on the same side.
 
@@ -134,3 +138,10 @@ def split_by_patient(
     train = [e for e in entries if e.patient not in validation_patients]
     validation = [e for e in entries if e.patient in validation_patients]
     return train, validation
+
+
+def held_out_label_maps(labelmaps_dir: str | Path | None = None) -> list[LabelMapEntry]:
+    """Label maps of the patients that training with the default split holds out."""
+    from AttentionUNetSegLib.locations import labelmaps_dir as shared_labelmaps
+
+    return split_by_patient(labelmap_catalog(labelmaps_dir or shared_labelmaps()))[1]

@@ -3,7 +3,9 @@
 One sample: pick a whole-abdomen label map (the host) and, half of the time, another patient's pancreas
 to swap in; reshape the pancreas and jitter the organs; warp the map (rotation, scaling, elastic) onto a
 random field of view around the pancreas; fill everything unlabelled with a synthetic body; paint
-intensities for a random contrast phase; simulate the scanner. Label maps are read once, resampled to
+intensities for a random contrast phase; simulate the scanner. A share of samples are negatives: a field
+of view above the gland (upper abdomen, lung bases) or below it (lower abdomen, pelvis) with no pancreas
+at all, so that the network learns to find nothing there. Label maps are read once, resampled to
 the working spacing and kept in memory, so sampling is pure numpy/scipy on the host's grid.
 """
 
@@ -24,6 +26,11 @@ from .vocabulary import TISSUE
 # (one 189 mm tall "pancreas"); they stay out of the swap.
 MAX_DONOR_ML = 250.0
 MAX_DONOR_HEIGHT_MM = 130.0
+# Negatives: the field of view keeps this far from the gland (rotation and elastic warping move rows by
+# less), and is at least this long.
+NEGATIVE_MARGIN_MM = 25.0
+NEGATIVE_MIN_MM = 60.0
+VIEWS = ("abdomen", "above-pancreas", "below-pancreas")
 
 
 @dataclass
@@ -35,6 +42,7 @@ class SyntheticCase:
     host: LabelMapEntry
     pancreas_source: LabelMapEntry
     look: Appearance
+    view: str = "abdomen"  # one of VIEWS; the two others hold no pancreas
 
 
 class SyntheticCTGenerator:
@@ -51,8 +59,9 @@ class SyntheticCTGenerator:
         seed: int = 0,
         swap_probability: float = 0.5,
         fatty_pancreas_probability: float = 0.2,
-        random_contrast_probability: float = 0.1,
+        random_contrast_probability: float = 0.25,
         cut_pancreas_probability: float = 0.1,
+        negative_probability: float = 0.0,
     ):
         self.entries = list(entries)
         self.hosts = [e for e in self.entries if not e.pancreas_only]
@@ -68,6 +77,7 @@ class SyntheticCTGenerator:
         self.fatty_pancreas_probability = fatty_pancreas_probability
         self.random_contrast_probability = random_contrast_probability
         self.cut_pancreas_probability = cut_pancreas_probability
+        self.negative_probability = negative_probability
         self.rng = np.random.default_rng(seed)
         self._maps: dict[str, np.ndarray] = {}
         self._donors: dict[str, np.ndarray | None] = {}
@@ -76,13 +86,18 @@ class SyntheticCTGenerator:
         case = self.sample_case(rng)
         return case.image, case.pancreas
 
-    def sample_case(self, rng: np.random.Generator | None = None) -> SyntheticCase:
+    def sample_case(self, rng: np.random.Generator | None = None, view: str | None = None,
+                    phase: str | None = None) -> SyntheticCase:
+        """One case. ``view`` (one of VIEWS) forces the field of view, else negatives come at their rate;
+        ``phase`` (intensities.PHASES or RANDOM_CONTRAST) forces the look."""
         rng = self.rng if rng is None else rng
-        for _ in range(10):
-            case = self._try_sample(rng)
+        if view is None:
+            view = "abdomen" if rng.random() >= self.negative_probability else VIEWS[1 + rng.integers(2)]
+        for _ in range(20):
+            case = self._try_sample(rng, view, phase)
             if case is not None:
                 return case
-        raise RuntimeError("ten synthetic cases in a row lost their pancreas")  # a bug, not bad input
+        raise RuntimeError(f"twenty synthetic {view} cases in a row failed")  # a bug, not bad input
 
     def tissue_map(self, entry: LabelMapEntry) -> np.ndarray:
         """The entry's tissue map at the working spacing (read once, then kept)."""
@@ -105,7 +120,7 @@ class SyntheticCTGenerator:
                 del self._maps[key]  # only the shape is ever needed
         return self._donors[key]
 
-    def _try_sample(self, rng: np.random.Generator) -> SyntheticCase | None:
+    def _try_sample(self, rng: np.random.Generator, view: str, phase: str | None) -> SyntheticCase | None:
         host = self.hosts[rng.integers(len(self.hosts))]
         tissues = self.tissue_map(host).copy()
         source = host
@@ -117,15 +132,17 @@ class SyntheticCTGenerator:
         if rng.random() < 0.8:
             vary_pancreas(tissues, rng, self.vox)
         jitter_organs(tissues, rng)
-        out_shape, centre = self._field_of_view(tissues, rng)
-        tissues = warp(tissues, out_shape, centre, rng, self.vox, elastic_mm=rng.uniform(0, 4))
+        view_box = self._field_of_view(tissues, rng) if view == "abdomen" else self._negative_view(tissues, view, rng)
+        if view_box is None:
+            return None  # this host's map does not reach far enough beyond the gland
+        tissues = warp(tissues, *view_box, rng, self.vox, elastic_mm=rng.uniform(0, 4))
         pancreas = tissues == PANCREAS
-        if not pancreas.any():
+        if pancreas.any() != (view == "abdomen") or (tissues > 0).sum() < 2000:
             return None
         add_body(tissues, rng, self.vox)
-        look = draw_appearance(rng, self.fatty_pancreas_probability, self.random_contrast_probability)
+        look = draw_appearance(rng, self.fatty_pancreas_probability, self.random_contrast_probability, phase)
         image = render(tissues, look, rng, self.vox)
-        return SyntheticCase(image, pancreas.astype(np.uint8), tissues, self.spacing_mm, host, source, look)
+        return SyntheticCase(image, pancreas.astype(np.uint8), tissues, self.spacing_mm, host, source, look, view)
 
     def _field_of_view(self, tissues: np.ndarray, rng: np.random.Generator) -> tuple[tuple[int, int, int], np.ndarray]:
         """A random box (shape, centre in source voxels) that holds the pancreas with some abdomen around."""
@@ -141,6 +158,25 @@ class SyntheticCTGenerator:
         centre_yx = np.clip(centre_yx, high[1:] + margin - half, low[1:] - margin + half)  # the gland stays in view
         shape = (round(length), *[round(2 * h) for h in half])
         return shape, np.array([centre_z, *centre_yx])
+
+    def _negative_view(self, tissues: np.ndarray, view: str, rng: np.random.Generator):
+        """A box (shape, centre) wholly above or below the gland, inside the map; None if there is no room."""
+        rows = np.nonzero((tissues == PANCREAS).any(axis=(1, 2)))[0]
+        organs = bounding_box(tissues > 0)
+        margin, shortest = NEGATIVE_MARGIN_MM / self.vox[0], NEGATIVE_MIN_MM / self.vox[0]
+        if view == "above-pancreas":
+            low, high = rows[-1] + margin, organs[0].stop - 1
+        else:
+            low, high = organs[0].start, rows[0] - margin
+        if high - low < shortest:
+            return None
+        length = rng.uniform(shortest, min(high - low, 300 / self.vox[0]))
+        start = rng.uniform(low, high - length)
+        field_mm = rng.uniform(300, 460) * np.array([rng.uniform(0.85, 1.0), 1.0])
+        body_centre = np.array([(s.start + s.stop) / 2 for s in organs[1:]]) + np.array([10 / self.vox[1], 0])
+        centre_yx = body_centre + rng.normal(0, 15, 2) / self.vox[1:]
+        shape = (round(length), *[round(f / v) for f, v in zip(field_mm, self.vox[1:])])
+        return shape, np.array([start + length / 2, *centre_yx])
 
     def _slab(self, tissues, rows: slice, low: int, high: int, rng) -> tuple[float, float]:
         """(length, centre) in slices: between a little above the liver dome and a little below the kidneys,

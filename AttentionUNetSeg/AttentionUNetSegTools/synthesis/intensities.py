@@ -1,8 +1,10 @@
 """CT intensities: per-tissue HU for a contrast phase with per-case jitter, texture, then the scanner.
 
-Ranges are typical published values for abdominal CT, checked against the real cases in ../shared/data
-(non-contrast: liver 44, spleen 32, aorta 42, fatty pancreas -7 HU; portal-venous: liver 89, spleen 80,
-aorta 177, portal vein 130 HU) at 1-3 mm.
+Ranges are typical published values for abdominal CT that hold the values measured on the real cases in
+../shared/data (``calibration.MEASURED_HU``: mean HU inside each organ map, eroded; a test re-measures them
+and checks that each phase range holds its anchor). The non-contrast real case has a fatty pancreas (about
+1 HU); a normal non-contrast gland is 30-50 HU, so both are drawn. Now and then every tissue gets an
+arbitrary contrast (SynthSeg-style), so that shape and context, not one HU value, carry the decision.
 """
 
 from __future__ import annotations
@@ -16,39 +18,39 @@ from .noise import fine_noise, smooth_noise
 from .vocabulary import TISSUE
 
 PHASES = ("non-contrast", "arterial", "portal-venous", "delayed")
-_WALL = ((30, 45), (60, 100), (70, 110), (60, 90))
-_MUSCLE = ((20, 55), (30, 60), (35, 65), (35, 65))
+_WALL = ((15, 45), (60, 100), (70, 110), (60, 90))
+_MUSCLE = ((15, 55), (25, 60), (20, 65), (30, 65))
 _FAT = ((-120, -85),) * 4
 # Tissue -> (low, high) HU of its mean, per phase in the order of PHASES.
 PHASE_HU = {
-    "liver": ((45, 70), (60, 85), (90, 130), (70, 95)),
-    "spleen": ((35, 55), (85, 140), (95, 135), (75, 100)),
-    "kidney_right": ((25, 40), (120, 200), (140, 200), (110, 160)),
-    "kidney_left": ((25, 40), (120, 200), (140, 200), (110, 160)),
+    "liver": ((40, 70), (60, 85), (80, 130), (70, 95)),
+    "spleen": ((28, 55), (85, 140), (75, 135), (75, 100)),
+    "kidney_right": ((10, 40), (120, 200), (140, 200), (110, 160)),
+    "kidney_left": ((10, 40), (120, 200), (140, 200), (110, 160)),
     "kidney_cyst": ((0, 20),) * 4,
     "gallbladder": ((0, 25),) * 4,
     "stomach": _WALL,
-    "pancreas": ((30, 50), (85, 130), (80, 125), (60, 85)),
+    "pancreas": ((30, 50), (85, 130), (65, 125), (60, 85)),
     "duodenum": _WALL,
     "small_bowel": _WALL,
     "colon": _WALL,
     "rectum": _WALL,
     "esophagus": ((35, 50), (50, 80), (60, 90), (55, 80)),
-    "adrenal": ((20, 40), (50, 80), (55, 85), (45, 70)),
+    "adrenal": ((10, 40), (50, 80), (40, 85), (45, 70)),
     "aorta": ((35, 50), (250, 450), (140, 210), (100, 140)),
-    "inferior_vena_cava": ((35, 50), (70, 130), (120, 180), (100, 140)),
-    "portal_vein": ((35, 50), (80, 150), (150, 220), (110, 150)),
-    "artery": ((35, 50), (250, 450), (140, 210), (100, 140)),
-    "vein": ((35, 50), (70, 130), (120, 180), (100, 140)),
+    "inferior_vena_cava": ((35, 50), (70, 130), (90, 180), (100, 140)),
+    "portal_vein": ((35, 50), (80, 150), (120, 220), (110, 150)),
+    "artery": ((35, 55), (250, 450), (140, 210), (100, 140)),
+    "vein": ((35, 55), (70, 130), (90, 180), (100, 140)),
     "heart": ((35, 50), (200, 400), (120, 180), (100, 130)),
     "lung": ((-880, -750),) * 4,
     "airway": ((-1000, -950),) * 4,
     "urinary_bladder": ((0, 20), (0, 20), (5, 25), (5, 60)),
     "prostate_uterus": ((35, 55), (60, 110), (70, 110), (60, 90)),
     "thyroid": ((80, 110), (120, 200), (110, 170), (90, 130)),
-    "vertebra": ((150, 300),) * 4,
-    "rib": ((150, 350),) * 4,
-    "bone": ((250, 500),) * 4,
+    "vertebra": ((110, 300),) * 4,
+    "rib": ((70, 350),) * 4,
+    "bone": ((180, 700),) * 4,
     "spinal_cord": ((15, 35),) * 4,
     "muscle": _MUSCLE,
     "brain": ((25, 40),) * 4,
@@ -78,11 +80,14 @@ TEXTURE_HU = {
     "table": 80, "table_foam": 60, "distractor": 20, "air": 5,
 }
 DEFAULT_TEXTURE_HU = 6
-# Domain randomisation: tissues whose non-contrast HU lies in the soft-tissue window may get any of these.
+# Domain randomisation (SynthSeg): every tissue inside the body gets any mean in this window (the network's
+# input window is -250..350 HU); air, lung and gas stay dark so the body outline stays a body.
 RANDOM_CONTRAST = "random contrast"
-RANDOM_SOFT_TISSUE_HU = (-30, 230)
-SOFT_TISSUES = tuple(name for name, ranges in PHASE_HU.items() if -30 <= ranges[0][0] and ranges[0][1] <= 120)
+RANDOM_TISSUE_HU = (-200, 320)
+KEPT_DARK = ("lung", "airway", "bowel_gas", "air", "table_foam")
+RANDOMISED_TISSUES = tuple(name for name in PHASE_HU if name not in KEPT_DARK)
 FAT_HU = -95.0
+FAT_FRACTION = (0.1, 0.45)  # share of fat in a fatty gland (the real non-contrast case: about 0.3)
 ORAL_CONTRAST_HU = (150, 450)
 
 
@@ -99,26 +104,31 @@ class Appearance:
     blur_mm: tuple[float, float, float]  # Gaussian sigma (z, y, x)
     slice_thickness_mm: float
     noise_hu: float
+    bias_hu: float  # amplitude of a smooth offset across the field (beam hardening, scatter)
 
 
 def draw_appearance(
-    rng: np.random.Generator, fatty_pancreas_probability: float = 0.2, random_contrast_probability: float = 0.1
+    rng: np.random.Generator, fatty_pancreas_probability: float = 0.2, random_contrast_probability: float = 0.25,
+    phase: str | None = None,
 ) -> Appearance:
-    """A case's look. Now and then (SynthSeg-style domain randomisation) soft tissues get arbitrary
-    contrast, so that the network must also recognise the pancreas by shape and place."""
-    phase_index = int(rng.integers(len(PHASES)))
+    """A case's look, for ``phase`` (one of PHASES or RANDOM_CONTRAST) or a random one. With random
+    contrast (SynthSeg-style domain randomisation) every tissue in the body gets an arbitrary mean, so that
+    the network must also recognise the pancreas by shape and place."""
+    phase_index = PHASES.index(phase) if phase in PHASES else int(rng.integers(len(PHASES)))
     mean = np.zeros(256, dtype=np.float32)
     for name, ranges in PHASE_HU.items():
         mean[TISSUE[name]] = rng.uniform(*ranges[phase_index])
-    random_contrast = rng.random() < random_contrast_probability
+    random_contrast = phase == RANDOM_CONTRAST if phase is not None else rng.random() < random_contrast_probability
     if random_contrast:
-        for name in SOFT_TISSUES:
-            mean[TISSUE[name]] = rng.uniform(*RANDOM_SOFT_TISSUE_HU)
+        for name in RANDOMISED_TISSUES:
+            mean[TISSUE[name]] = rng.uniform(*RANDOM_TISSUE_HU)
     texture = np.full(256, DEFAULT_TEXTURE_HU, dtype=np.float32)
     for name, hu in TEXTURE_HU.items():
         texture[TISSUE[name]] = hu * rng.uniform(0.6, 1.4)
+    if random_contrast:
+        texture *= np.float32(rng.uniform(0.5, 2.5))
     # Fatty pancreas: fat interleaved with the lobules pulls the mean down (as in the real 3 mm case).
-    fat_fraction = rng.uniform(0.1, 0.45) if rng.random() < fatty_pancreas_probability else 0.0
+    fat_fraction = rng.uniform(*FAT_FRACTION) if rng.random() < fatty_pancreas_probability else 0.0
     pancreas = TISSUE["pancreas"]
     mean[pancreas] = (1 - fat_fraction) * mean[pancreas] + fat_fraction * FAT_HU
     texture[pancreas] += 40 * fat_fraction
@@ -136,7 +146,8 @@ def draw_appearance(
         oral_contrast=oral_contrast,
         blur_mm=(max(in_plane, 0.42 * thickness), in_plane, in_plane),
         slice_thickness_mm=float(thickness),
-        noise_hu=float(rng.uniform(3, 22)),
+        noise_hu=float(rng.uniform(3, 22) if rng.random() < 0.8 else rng.uniform(22, 45)),  # low dose now and then
+        bias_hu=float(rng.uniform(0, 15)),
     )
 
 
@@ -146,9 +157,18 @@ def render(tissues: np.ndarray, look: Appearance, rng: np.random.Generator, vox:
     fine = fine_noise(rng, shape, 0.8)
     coarse = smooth_noise(rng, shape, 6 / vox.min())
     image = look.mean_hu[tissues] + look.texture_hu[tissues] * (np.float32(0.7) * fine + np.float32(0.7) * coarse)
+    _add_fat_septa(image, tissues, look, rng, vox)
     _add_liver_vessels(image, tissues, look, rng, vox)
     _add_kidney_cortex(image, tissues, look)
     return scan(image, look, rng, vox)
+
+
+def _add_fat_septa(image, tissues, look, rng, vox) -> None:
+    """Fat is never flat in CT: thin fibrous septa and small vessels run through it (a few percent of voxels)."""
+    fat = np.isin(tissues, [TISSUE["visceral_fat"], TISSUE["subcutaneous_fat"]])
+    strands = np.abs(smooth_noise(rng, tissues.shape, 5 / vox.min())) < rng.uniform(0.03, 0.1)
+    septa = fat & strands
+    image[septa] += np.float32(rng.uniform(30, 90))
 
 
 def _add_liver_vessels(image, tissues, look, rng, vox) -> None:
@@ -186,6 +206,7 @@ def scan(image: np.ndarray, look: Appearance, rng: np.random.Generator, vox: np.
     if look.slice_thickness_mm > 1.4 * vox[0]:
         image = _thick_slices(image, look.slice_thickness_mm / vox[0], rng.uniform(0, 1))
     image += fine_noise(rng, image.shape, 0.6) * np.float32(look.noise_hu)
+    image += smooth_noise(rng, image.shape, 80 / vox.min()) * np.float32(look.bias_hu)
     image *= np.float32(rng.uniform(0.97, 1.03))
     image += np.float32(rng.uniform(-8, 8))
     if rng.random() < 0.3:
