@@ -12,7 +12,8 @@ import SimpleITK as sitk
 
 from AttentionUNetSegLib import geometry
 from AttentionUNetSegLib.engine import Segmenter
-from AttentionUNetSegTools.evaluation import dice, reference_on_grid
+from AttentionUNetSegTools.evaluation import reference_on_grid
+from AttentionUNetSegTools.metrics import dice
 from AttentionUNetSegLib.imageio import read_image
 from AttentionUNetSegLib.weights import bundled_model_path, load_model
 
