@@ -9,14 +9,14 @@ import pytest
 import SimpleITK as sitk
 
 from AttentionUNetSegLib.errors import UserError
-from AttentionUNetSegTools.evaluation import dice, evaluate, shared_cases, surface_scores
-from AttentionUNetSegLib.engine import Segmenter
 from AttentionUNetSegLib.locations import REPOSITORY
-from AttentionUNetSegTools.training.config import DataSource, TrainingConfig
-from AttentionUNetSegTools.training.data import RealCases, sample_patch, source_pairs
 from AttentionUNetSegLib.network import AttentionUNet3D, NetworkConfig
-from AttentionUNetSegTools.training.loop import recalibrate_batchnorm, train
 from AttentionUNetSegLib.weights import load_model
+from AttentionUNetSegTools.metrics import NEGATIVE_MARGIN_MM
+from AttentionUNetSegTools.synthesis.catalog import labelmap_catalog
+from AttentionUNetSegTools.training.config import DataSource, TrainingConfig
+from AttentionUNetSegTools.training.data import PancreasFreeCrops, RealCases, SyntheticCases, sample_patch, source_pairs
+from AttentionUNetSegTools.training.loop import TrainingClock, _learning_rate_factor, recalibrate_batchnorm, train
 
 BUNDLED_CONFIG = REPOSITORY / "AttentionUNetSeg" / "Resources" / "Models" / "pancreas_attention_unet.train.yaml"
 
@@ -32,11 +32,17 @@ def tiny_config(data_dir, labelmaps_dir, out, steps):
         "checkpoint_every": 2,
         "warmup_steps": 1,
         "synthetic_pool": 2,
+        "negative_fraction": 0.5,
+        "batch_dice": True,
+        "validation_synthetic": 1,
+        "validation_negatives": 1,
         "sources": [
-            {"kind": "synthetic", "weight": 0.5, "path": str(labelmaps_dir)},
-            {"kind": "pairs", "weight": 0.5,
+            {"kind": "synthetic", "weight": 0.4, "path": str(labelmaps_dir)},
+            {"kind": "pairs", "weight": 0.4,
              "pairs": [[str(data_dir / "ts-abdomen-3mm-crop/ct.nii.gz"),
                         str(data_dir / "ts-abdomen-3mm-crop/pancreas.nii.gz")]]},
+            {"kind": "crops", "weight": 0.2,
+             "pairs": [[str(data_dir / "ts-abdomen-3mm/ct.nii.gz"), str(data_dir / "ts-abdomen-3mm/pancreas.nii.gz")]]},
         ],
         "validation_pairs": [[str(data_dir / "ts-venous-dicom/dicom"),
                               str(data_dir / "ts-venous-dicom/pancreas.nii.gz")]],
@@ -54,7 +60,7 @@ def test_bundled_config_loads_and_unknown_settings_are_refused():
 def test_a_short_run_trains_validates_checkpoints_and_resumes(data_dir, labelmaps_dir, tmp_path):
     config = tiny_config(data_dir, labelmaps_dir, tmp_path / "run", steps=2)
     first = load_model(train(config, show_progress=False))
-    assert first.spec.training["steps"] == 2 and first.spec.training["real_cases"] == ["ts-abdomen-3mm-crop"]
+    assert first.spec.training["steps"] == 2 and first.spec.training["real_cases"] == ["ts-abdomen-3mm", "ts-abdomen-3mm-crop"]
     config.steps = 4
     train(config, resume=True, show_progress=False)
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
@@ -62,7 +68,8 @@ def test_a_short_run_trains_validates_checkpoints_and_resumes(data_dir, labelmap
     losses = [float(r["loss"]) for r in rows]
     assert all(np.isfinite(losses))
     validation = json.loads(rows[-1]["validation"])
-    assert {"real:ts-venous-dicom", "mean"} <= set(validation) and any(k.startswith("synthetic") for k in validation)
+    assert {"real:ts-venous-dicom", "mean", "mean_dice"} <= set(validation)
+    assert any(k.startswith("synthetic") for k in validation) and any(k.startswith("negative:") for k in validation)
     assert all(0.0 <= v <= 1.0 for v in validation.values())
     for name in ("last.safetensors", "best.safetensors", "curves.png", "config.json", "last.optimizer.pt"):
         assert (tmp_path / "run" / name).is_file()
@@ -104,25 +111,42 @@ def test_patches_centre_on_the_pancreas_when_asked(data_dir):
     assert all(hits) and ct.shape == label.shape == (200, 32, 32) and (ct[-50:] == -1024).all()
 
 
-def test_metrics_on_known_shapes():
-    grid = np.indices((40, 40, 40))
-    sphere = ((grid - 20) ** 2).sum(0) <= 8**2
-    shifted = ((grid - np.array([20, 20, 22])[:, None, None, None]) ** 2).sum(0) <= 8**2
-    assert dice(sphere, sphere) == 1.0 and dice(sphere, np.zeros_like(sphere)) == 0.0
-    hd95, nsd = surface_scores(sphere, sphere, (1.0, 1.0, 1.0))
-    assert hd95 == 0.0 and nsd == 1.0
-    hd95, nsd = surface_scores(sphere, shifted, (1.0, 1.0, 1.5))  # 2 voxels apart along x, 1.5 mm each
-    assert 2.0 <= hd95 <= 3.0 + 1e-6 and 0.5 < nsd < 1.0
+def test_real_negative_crops_hold_no_pancreas_and_lie_below_it(data_dir):
+    pair = [str(data_dir / "ts-abdomen-3mm/ct.nii.gz"), str(data_dir / "ts-abdomen-3mm/pancreas.nii.gz")]
+    whole = RealCases(DataSource(kind="pairs", pairs=[pair]), (3.0, 3.0, 3.0)).cases[0]
+    crops = PancreasFreeCrops(DataSource(kind="crops", pairs=[pair]), (3.0, 3.0, 3.0)).cases
+    assert [c.name for c in crops] == ["ct.nii.gz-low"]  # only below the gland is there room (canonical grid: z up)
+    crop = crops[0]
+    first_gland_row = np.nonzero(whole.pancreas.any(axis=(1, 2)))[0].min()
+    rows = crop.ct.shape[0]
+    assert not crop.pancreas.any() and np.array_equal(crop.ct, whole.ct[:rows])
+    assert not whole.pancreas[:rows].any() and (first_gland_row - rows) * 3.0 >= NEGATIVE_MARGIN_MM
 
 
-def test_evaluation_writes_tables_and_montage(tiny_model, data_dir, tmp_path):
-    cases = [c for c in shared_cases(data_dir) if c.name == "ts-abdomen-3mm-crop"]
-    scores = evaluate(Segmenter(tiny_model), cases, tmp_path)
-    assert [s.case for s in scores] == ["ts-abdomen-3mm-crop"] and scores[0].in_training == "no"
-    assert scores[0].reference_ml == pytest.approx(17.4, abs=0.3)  # the README's 17.4 mL label
-    table = (tmp_path / "evaluation.md").read_text()
-    assert "ts-abdomen-3mm-crop" in table and "| mean |" in table
-    assert (tmp_path / "evaluation.png").stat().st_size > 10_000
+def test_synthetic_cases_from_worker_processes(labelmaps_dir):
+    """The GPU path: cases made in worker processes arrive, negatives among them, and the workers stop."""
+    entries = [e for e in labelmap_catalog(labelmaps_dir) if e.path.name in ("label0001.nii.gz", "word_0014.nii.gz")]
+    pool = SyntheticCases(entries, (4.0, 4.0, 4.0), pool_size=3, seed=0, options={"negative_probability": 0.5},
+                          patches_per_case=1, workers=1)
+    try:
+        rng = np.random.default_rng(0)
+        cases = [pool.draw(rng) for _ in range(6)]
+        assert all(c.ct.dtype == np.float32 and c.ct.shape == c.pancreas.shape for c in cases)
+        assert {c.name for c in pool.pool} <= {"synthetic-abdomen", "synthetic-above-pancreas",
+                                                "synthetic-below-pancreas"}
+        assert all(c.pancreas.any() == (c.name == "synthetic-abdomen") for c in pool.pool)
+    finally:
+        pool.close()
+    assert not any(p.is_alive() for p in pool.producers)
+
+
+def test_a_time_limit_cools_the_learning_rate_down_however_fast_the_machine():
+    config = TrainingConfig.from_dict({"steps": 1000, "warmup_steps": 10})
+    assert _learning_rate_factor(config, 100) > 0.9  # by steps: early
+    assert _learning_rate_factor(config, 100, time_fraction=1.0) == pytest.approx(0.02)  # by time: the end
+    clock = TrainingClock(limit_seconds=60, spent=30)
+    assert 0.49 < clock.fraction() < 0.6 and not clock.expired()
+    assert TrainingClock(limit_seconds=60, spent=61).expired() and not TrainingClock(0, 1e9).expired()
 
 
 def test_batchnorm_recalibration_makes_eval_mode_match_the_batches_seen():

@@ -11,6 +11,7 @@ import yaml
 from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegLib.locations import REPOSITORY, shared_dir
 from AttentionUNetSegLib.network import NetworkConfig
+from ..synthesis.catalog import SPLIT_SEED, VALIDATION_FRACTION
 
 
 @dataclass
@@ -19,7 +20,8 @@ class DataSource:
 
     kind: ``msd`` (Decathlon Task07: imagesTr/labelsTr, 1 pancreas + 2 tumour), ``nih`` (NIH Pancreas-CT
     converted to NIfTI: an images folder and a labels folder), ``pairs`` (explicit image/label files),
-    ``synthetic`` (CT synthesised from the label maps under ``path``).
+    ``crops`` (negatives: the parts of the ``pairs`` CT above and below their pancreas), ``synthetic`` (CT
+    synthesised from the label maps under ``path``).
     """
 
     kind: str
@@ -46,11 +48,21 @@ class TrainingConfig:
     foreground_fraction: float = 0.67  # patches centred on pancreas
     validate_every: int = 250
     checkpoint_every: int = 250
-    seed: int = 0
+    seed: int = SPLIT_SEED  # also seeds the patient split
     threads: int = 0  # 0 = all cores
     init_weights: str = ""  # warm start from a model file
     synthetic_pool: int = 24  # synthetic cases kept in memory, refreshed in the background
-    validation_fraction: float = 0.15  # of label-map patients, held out by patient
+    patches_per_case: float = 2.0  # patches drawn per new synthetic case (a new one replaces a random one)
+    data_workers: int = 0  # processes making synthetic cases; 0 = one thread (CPU training)
+    negative_fraction: float = 0.0  # synthetic cases with no pancreas in view (above or below the gland)
+    random_contrast_fraction: float = 0.1  # synthetic cases with every tissue's mean HU random (SynthSeg)
+    batch_dice: bool = False  # Dice over the whole batch, so that a patch without pancreas has a defined loss
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    validation_synthetic: int = 4  # held-out synthetic cases validated, the phases in turn
+    validation_negatives: int = 0  # held-out synthetic cases with no pancreas in view, validated
+    time_limit_minutes: float = 0.0  # stop (validated and checkpointed) after this much training time; 0 = none
+    keep_checkpoints: bool = False  # also keep every checkpoint as step-N.safetensors
+    validation_fraction: float = VALIDATION_FRACTION  # of label-map patients, held out by patient
     sources: list[DataSource] = field(default_factory=list)
     validation_pairs: list[list[str]] = field(default_factory=list)  # real CT for validation Dice
     output_dir: str = "runs/pancreas"

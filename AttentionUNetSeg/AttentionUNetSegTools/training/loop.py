@@ -14,15 +14,17 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter, autocast_dtype, normalise_hu
-from ..evaluation import dice, file_case, synthetic_cases
+from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter, autocast_dtype, normalise_hu, resolve_device
 from AttentionUNetSegLib.network import AttentionUNet3D
 from AttentionUNetSegLib.weights import LoadedModel, ModelSpec, load_model, save_model
+from ..evaluation import file_case, synthetic_cases
+from ..metrics import dice
 from .config import TrainingConfig, resolve_path
 from .data import build_sources, sample_patch
 
 LOG_FIELDS = ["step", "loss", "learning_rate", "seconds", "validation"]
 BATCHNORM_BATCHES = 24
+NEGATIVE_HALF_SCORE_ML = 5.0  # validation score of a negative: 1 / (1 + found mL / this)
 
 
 def train(config: TrainingConfig, resume: bool = False, show_progress: bool = True) -> Path:
@@ -33,20 +35,21 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
 
     train_entries, validation_entries = _label_map_split(config)
     network = _initial_network(config).to(device).to(memory_format=torch.channels_last_3d)
     optimizer = _optimizer(config, network)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _learning_rate_factor(config, step))
-    step = _resume(out, network, optimizer, schedule) if resume else 0
+    clock = TrainingClock(config.time_limit_minutes * 60)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _learning_rate_factor(config, step, clock.fraction()))
+    step = _resume(out, network, optimizer, schedule, clock) if resume else 0
     sources, probabilities = build_sources(config, train_entries)
     validation = _validation_cases(config, validation_entries)
-    loss_function = _loss()
+    loss_function = _loss(config.batch_dice)
     low_precision = autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and low_precision == torch.float16)
     best = _best_dice(out)
-    started = time.time()
     patch = tuple(reversed(config.patch_size))
     try:
         bar = tqdm(range(step, config.steps), initial=step, total=config.steps, disable=not show_progress)
@@ -64,23 +67,27 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
             scaler.update()
             schedule.step()
             row = {"step": step + 1, "loss": round(loss.item(), 5),
-                   "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1)}
+                   "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(clock.elapsed(), 1)}
             done = step + 1
-            if done % config.checkpoint_every == 0 or done % config.validate_every == 0 or done == config.steps:
+            last = done == config.steps or clock.expired()
+            if done % config.checkpoint_every == 0 or done % config.validate_every == 0 or last:
                 batches = [_batch(sources, probabilities, patch, rng, config)[0].to(
                     device, memory_format=torch.channels_last_3d) for _ in range(BATCHNORM_BATCHES)]
                 recalibrate_batchnorm(network, batches, low_precision)
-            if done % config.validate_every == 0 or done == config.steps:
+            if done % config.validate_every == 0 or last:
                 scores = _validate(network, config, validation)
                 row["validation"] = json.dumps(scores)
                 if scores["mean"] > best:
                     best = scores["mean"]
                     save_model(network, _spec(config, done, scores), out / "best.safetensors")
                 bar.write(f"step {done}: loss {loss.item():.3f}, validation Dice {scores}")
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                _checkpoint(out, network, optimizer, schedule, config, done)
+            if done % config.checkpoint_every == 0 or last:
+                _checkpoint(out, network, optimizer, schedule, config, done, clock)
             _log(out, row)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            if clock.expired():
+                bar.write(f"time limit of {config.time_limit_minutes:g} minutes reached at step {done}")
+                break
     finally:
         for source in sources:
             getattr(source, "close", lambda: None)()
@@ -137,18 +144,37 @@ def _optimizer(config: TrainingConfig, network) -> torch.optim.Optimizer:
     return torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def _learning_rate_factor(config: TrainingConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to 2% of the peak."""
+class TrainingClock:
+    """Training wall time, carried over resumes; with a limit, what share of it is spent."""
+
+    def __init__(self, limit_seconds: float, spent: float = 0.0):
+        self.limit = limit_seconds
+        self.start = time.time() - spent
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def fraction(self) -> float:
+        return min(self.elapsed() / self.limit, 1.0) if self.limit else 0.0
+
+    def expired(self) -> bool:
+        return bool(self.limit) and self.elapsed() >= self.limit
+
+
+def _learning_rate_factor(config: TrainingConfig, step: int, time_fraction: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 2% of the peak, over the steps or the time limit, whichever
+    runs out first (so a run with a time limit ends cooled down however fast the machine is)."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    progress = max((step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1), time_fraction)
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _loss():
+def _loss(batch_dice: bool = False):
     from monai.losses import DiceCELoss
 
-    return DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5)
+    return DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5,
+                      batch=batch_dice)
 
 
 def _augmentations():
@@ -183,23 +209,35 @@ def _batch(sources, probabilities, patch, rng, config: TrainingConfig):
     return torch.stack(images), torch.stack(labels)
 
 
-def _validation_cases(config: TrainingConfig, validation_entries) -> list[tuple[str, sitk.Image, np.ndarray]]:
-    """Real CT (named in the config) plus a few synthetic volumes from held-out patients' label maps."""
+def _validation_cases(config: TrainingConfig, validation_entries) -> list[tuple[str, sitk.Image, np.ndarray | None]]:
+    """Real CT (named in the config) plus synthetic volumes from held-out patients' label maps, of every
+    phase, and negatives (reference None) from them."""
     cases = [file_case(f"real:{Path(i).parent.name}", resolve_path(i), resolve_path(lbl), "silver")
              for i, lbl in config.validation_pairs]
     if validation_entries:
-        cases += synthetic_cases(validation_entries, 4, config.spacing_mm, seed=config.seed + 1)
-    return [(case.name, *case.load()) for case in cases]
+        cases += synthetic_cases(validation_entries, config.validation_synthetic, config.spacing_mm,
+                                 seed=config.seed + 1)
+        cases += synthetic_cases(validation_entries, config.validation_negatives, config.spacing_mm,
+                                 seed=config.seed + 2, views=("above-pancreas", "below-pancreas"))
+    return [(case.name if case.view == "abdomen" else f"negative:{case.name}", *case.load()) for case in cases]
 
 
 def _validate(network, config: TrainingConfig, cases) -> dict[str, float]:
-    """Dice of whole-volume inference through the engine on each case's own grid, as users will run it."""
+    """Dice of whole-volume inference through the engine on each case's own grid, as users will run it; on a
+    negative, 1 / (1 + mL found / 5 mL). ``mean`` is over all cases, ``mean_dice`` over those with a pancreas."""
     network.eval()
     model = LoadedModel(spec=_spec(config, 0, {}), network=network, path=Path("training"), sha256="")
-    segmenter = Segmenter(model, SegmentationOptions())
-    scores = {name: round(dice(sitk.GetArrayViewFromImage(segmenter.segment(image).mask), truth), 4)
-              for name, image, truth in cases}
-    scores["mean"] = round(float(np.mean(list(scores.values()))), 4) if scores else 0.0
+    segmenter = Segmenter(model, SegmentationOptions(device=config.device))
+    scores = {}
+    for name, image, truth in cases:
+        result = segmenter.segment(image, maps=())
+        if truth is None:
+            scores[name] = round(1.0 / (1.0 + result.volume_ml / NEGATIVE_HALF_SCORE_ML), 4)
+        else:
+            scores[name] = round(dice(sitk.GetArrayViewFromImage(result.mask), truth), 4)
+    positives = [v for k, v in scores.items() if not k.startswith("negative:")]
+    scores["mean_dice"] = round(float(np.mean(positives)), 4) if positives else 0.0
+    scores["mean"] = round(float(np.mean([v for k, v in scores.items() if k != "mean_dice"])), 4) if cases else 0.0
     return scores
 
 
@@ -221,14 +259,16 @@ def _spec(config: TrainingConfig, steps: int, scores: dict) -> ModelSpec:
     )
 
 
-def _checkpoint(out: Path, network, optimizer, schedule, config: TrainingConfig, step: int) -> None:
+def _checkpoint(out: Path, network, optimizer, schedule, config: TrainingConfig, step: int, clock) -> None:
     save_model(network, _spec(config, step, {}), out / "last.safetensors")
+    if config.keep_checkpoints:
+        save_model(network, _spec(config, step, {}), out / f"step-{step}.safetensors")
     # Optimizer state is plain tensors and numbers: torch.load(weights_only=True) reads it without pickle code.
-    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step},
-               out / "last.optimizer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
+                "seconds": clock.elapsed()}, out / "last.optimizer.pt")
 
 
-def _resume(out: Path, network, optimizer, schedule) -> int:
+def _resume(out: Path, network, optimizer, schedule, clock: TrainingClock) -> int:
     weights, state_file = out / "last.safetensors", out / "last.optimizer.pt"
     if not weights.is_file() or not state_file.is_file():
         return 0
@@ -236,6 +276,7 @@ def _resume(out: Path, network, optimizer, schedule) -> int:
     state = torch.load(state_file, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
+    clock.start = time.time() - float(state.get("seconds", 0.0))
     return int(state["step"])
 
 
