@@ -410,71 +410,47 @@ def test_window_level_presets_and_scrolling_change_the_axial_view(page_with_ct):
 
 
 # The app's own handlers, called as the page calls them, in a process of its own (the app needs an event loop
-# and offscreen views of its own). Cancel comes straight after Segment, so it lands before the first tile.
-NOT_FOUND_SCENARIO = """
+# and offscreen views of its own). With "cancel", Cancel comes straight after Segment, before the first tile.
+SCENARIO = """
 import asyncio, json, sys
 from AttentionUNetSegLib.engine import Segmenter
 from AttentionUNetSegTools.webapp.app import PancreasWebApp
 
-async def segment(ct, model):
-    app = PancreasWebApp(Segmenter(model))
-    app.state.server_path = ct
-    app.load_server_path()
-    await app.background_task
-    app.segment_or_cancel()
-    await app.background_task
-    state = {key: app.state[key] for key in ("status", "segmenting", "has_result", "error_message")}
-    return {**state, "segmentations": app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")}
-
-print(json.dumps(asyncio.run(segment(*sys.argv[1:]))))
-"""
-
-
-def test_no_pancreas_found_is_said_and_no_empty_segment_is_shown(small_ct, nothing_model):
-    env = {**os.environ, "VTK_DEFAULT_OPENGL_WINDOW": "vtkEGLRenderWindow"}
-    run = subprocess.run([sys.executable, "-c", NOT_FOUND_SCENARIO, str(small_ct), str(nothing_model)],
-                         capture_output=True, text=True, timeout=240, env=env, check=False)
-    assert run.returncode == 0, run.stderr[-2000:]
-    seen = json.loads(run.stdout.strip().splitlines()[-1])
-    assert seen["status"].startswith("No pancreas found: ")
-    assert not seen["segmenting"] and not seen["has_result"] and not seen["error_message"]
-    assert seen["segmentations"] == 0
-
-
-CANCEL_SCENARIO = """
-import asyncio, json, sys
-from AttentionUNetSegLib.engine import Segmenter
-from AttentionUNetSegTools.webapp.app import PancreasWebApp
-
-async def segment_then_cancel(ct, model):
+async def segment(ct, model, then):
     app = PancreasWebApp(Segmenter(model))
     app.state.server_path = ct
     app.load_server_path()
     await app.background_task
     nodes_before = app.scene.GetNumberOfNodes()
     app.segment_or_cancel()  # Segment Pancreas ...
-    app.segment_or_cancel()  # ... and Cancel
+    if then == "cancel":
+        app.segment_or_cancel()  # ... and Cancel
     await app.background_task
     state = {key: app.state[key] for key in ("status", "segmenting", "has_result", "error_message", "ct_name")}
     return {**state, "nodes_before": nodes_before, "nodes_after": app.scene.GetNumberOfNodes(),
             "segmentations": app.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")}
 
-print(json.dumps(asyncio.run(segment_then_cancel(*sys.argv[1:]))))
+print(json.dumps(asyncio.run(segment(*sys.argv[1:]))))
 """
 
 
-def test_cancel_leaves_the_scene_and_the_page_as_they_were(small_ct, bone_model):
+def run_scenario(ct: Path, model: Path, then: str) -> dict:
     env = {**os.environ, "VTK_DEFAULT_OPENGL_WINDOW": "vtkEGLRenderWindow"}
-    run = subprocess.run(
-        [sys.executable, "-c", CANCEL_SCENARIO, str(small_ct), str(bone_model)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        check=False,
-    )
+    run = subprocess.run([sys.executable, "-c", SCENARIO, str(ct), str(model), then], capture_output=True,
+                         text=True, timeout=240, env=env, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
-    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_no_pancreas_found_is_said_and_no_empty_segment_is_shown(small_ct, nothing_model):
+    seen = run_scenario(small_ct, nothing_model, "wait")
+    assert seen["status"].startswith("No pancreas found: ")
+    assert not seen["segmenting"] and not seen["has_result"] and not seen["error_message"]
+    assert seen["segmentations"] == 0
+
+
+def test_cancel_leaves_the_scene_and_the_page_as_they_were(small_ct, bone_model):
+    seen = run_scenario(small_ct, bone_model, "cancel")
     assert seen["status"] == "Cancelled: nothing was changed."
     assert not seen["segmenting"] and not seen["has_result"] and not seen["error_message"]
     assert seen["ct_name"] == "ct"
