@@ -19,6 +19,7 @@ from AttentionUNetSegTools.training.data import PancreasFreeCrops, RealCases, Sy
 from AttentionUNetSegTools.training.loop import TrainingClock, _learning_rate_factor, recalibrate_batchnorm, train
 
 BUNDLED_CONFIG = REPOSITORY / "AttentionUNetSeg" / "Resources" / "Models" / "pancreas_attention_unet.train.yaml"
+GPU_CONFIG = REPOSITORY / "Resources" / "Training" / "gpu.train.yaml"
 
 
 def tiny_config(data_dir, labelmaps_dir, out, steps):
@@ -52,7 +53,10 @@ def tiny_config(data_dir, labelmaps_dir, out, steps):
 
 def test_bundled_config_loads_and_unknown_settings_are_refused():
     config = TrainingConfig.load(BUNDLED_CONFIG)
-    assert config.network.feature_scale == 8 and {s.kind for s in config.sources} == {"synthetic", "pairs"}
+    assert config.network.feature_scale == 8 and {"synthetic", "pairs"} <= {s.kind for s in config.sources}
+    gpu = TrainingConfig.load(GPU_CONFIG)  # the one-command GPU recipe: the same data and network
+    assert gpu.device == "cuda" and gpu.data_workers > 0 and gpu.network == config.network
+    assert [s.kind for s in gpu.sources] == ["synthetic", "pairs", "crops"] and gpu.negative_fraction > 0
     with pytest.raises(UserError, match="unknown training settings"):
         TrainingConfig.from_dict({"learning_rat": 1})
 

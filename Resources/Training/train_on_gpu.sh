@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One command on a CUDA machine: train the bundled recipe (gpu.train.yaml), warm-started from the bundled
+# model, then score the result. Run it again to continue where it stopped (checkpoints in $RUN).
+#   Resources/Training/train_on_gpu.sh [STEPS] [MINUTES]
+# Needs: this repository installed (pip install -e .), ../shared/labelmaps and ../shared/data beside it (or
+# ATTENTION_UNET_SEG_SHARED), a CUDA build of torch. Writes $RUN/best.safetensors, curves.png, log.csv and
+# $RUN/evaluation/ (tables). Nothing is copied into the repository: commit the weights by hand if
+# validation improved over the bundled model.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUN=${RUN:-$HOME/.cache/attention-unet-seg/runs/gpu}
+STEPS=${1:-20000}
+MINUTES=${2:-0}
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device; train_on_gpu.sh needs a GPU; use the CPU config in AttentionUNetSeg/Resources/Models/')"
+mkdir -p "$RUN"
+sed "s/^time_limit_minutes: .*/time_limit_minutes: $MINUTES/" Resources/Training/gpu.train.yaml > "$RUN/gpu.train.yaml"
+RESUME=()
+[ -f "$RUN/last.optimizer.pt" ] && RESUME=(--resume)
+attention-unet-seg train "$RUN/gpu.train.yaml" --steps "$STEPS" --output-dir "$RUN" "${RESUME[@]}"
+attention-unet-seg evaluate --weights "$RUN/best.safetensors" --synthetic 25 --negatives 10 --device cuda \
+  --output-dir "$RUN/evaluation"
