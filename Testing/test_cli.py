@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AttentionUNetSegLib import cli, outputs
+from conftest import same_grid
+
+from AttentionUNetSegLib import outputs
 from AttentionUNetSegLib.engine import ATTENTION_MAP_NAMES, ATTENTION_SCALE
 from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegLib.imageio import PANCREAS_SEGMENT, read_image
@@ -33,12 +35,6 @@ def run_cli(*args, env: dict | None = None, cwd: Path | None = None) -> subproce
         [str(CONSOLE_SCRIPT), *map(str, args)], check=False, capture_output=True, text=True, timeout=240,
         env={**os.environ, **(env or {})}, cwd=cwd,
     )
-
-
-def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing())
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6))
 
 
 def reported_volume_ml(stdout: str) -> float:
@@ -343,8 +339,9 @@ def test_interrupted_run_exits_130_and_leaves_nothing(abdomen_ct, tiny_model, tm
 
 def test_preview_slices_cross_inside_a_curved_pancreas(data_dir, tmp_path):
     """The real pancreas label: all three views show it (its centroid alone lies outside it)."""
-    from AttentionUNetSegTools.preview import render_overlays
     from matplotlib.image import imread
+
+    from AttentionUNetSegTools.preview import render_overlays
 
     case = data_dir / "ts-abdomen-3mm"
     ct = sitk.ReadImage(str(case / "ct.nii.gz"), sitk.sitkFloat32)
@@ -359,8 +356,9 @@ def test_preview_slices_cross_inside_a_curved_pancreas(data_dir, tmp_path):
 
 
 def test_preview_of_an_empty_mask_centres_on_the_attention_peak(small_ct, tmp_path):
-    from AttentionUNetSegTools.preview import render_overlays
     from matplotlib.image import imread
+
+    from AttentionUNetSegTools.preview import render_overlays
 
     ct = sitk.ReadImage(str(small_ct), sitk.sitkFloat32)
     empty = sitk.Image(ct.GetSize(), sitk.sitkUInt8)

@@ -4,20 +4,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import same_grid
 
 from AttentionUNetSegLib import geometry, tiling
 from AttentionUNetSegLib.engine import ATTENTION_MAP_NAMES, SegmentationOptions, Segmenter, resolve_device
 from AttentionUNetSegLib.errors import Cancelled, DeviceError, UserError
 from AttentionUNetSegLib.imageio import read_image
-
-
-def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing())
-        and np.allclose(a.GetOrigin(), b.GetOrigin())
-        and np.allclose(a.GetDirection(), b.GetDirection())
-    )
 
 
 def flipped_storage(image: sitk.Image, axis: int) -> sitk.Image:

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import same_grid
+
 from AttentionUNetSegLib.imageio import PANCREAS_SEGMENT, read_image
 
 pytest.importorskip("trame_slicer", reason="the web app needs the [web] extra")
@@ -68,6 +70,7 @@ def nothing_model(tmp_path_factory) -> Path:
 
 def threshold_model(path: Path, threshold_hu: float) -> Path:
     import torch
+
     from AttentionUNetSegLib.network import AttentionUNet3D, NetworkConfig
     from AttentionUNetSegLib.weights import ModelSpec, save_model
 
@@ -258,15 +261,6 @@ def download(page, button: str, folder: Path) -> Path:
     path = folder / pending.value.suggested_filename
     pending.value.save_as(path)
     return path
-
-
-def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing())
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
-    )
 
 
 # ---- tests ---------------------------------------------------------------------------------------------

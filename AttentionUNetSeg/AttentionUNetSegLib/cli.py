@@ -180,12 +180,12 @@ def _map_names(requested: str | None) -> list[str]:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from . import engine, weights
+    from . import engine, model_card, weights
 
     model_path = args.weights or weights.bundled_model_path()
     if args.weights or model_path.is_file():
         print(describe_model(model_path))
-        card = weights.model_card_text() if not args.weights else ""
+        card = model_card.model_card_text() if not args.weights else ""
         if card:
             print()
             print(card.rstrip())

@@ -19,7 +19,6 @@ from safetensors.torch import save as save_safetensors_bytes
 from .errors import WeightsError
 from .imageio import replacing
 from .locations import models_dir
-from .model_card import model_card_text  # noqa: F401 -- re-exported for the CLI's info
 from .network import AttentionUNet3D, NetworkConfig
 
 METADATA_KEY = "attention_unet_seg"

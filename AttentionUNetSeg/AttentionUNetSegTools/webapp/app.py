@@ -19,8 +19,7 @@ from trame_slicer.utils import write_client_files_to_dir
 from AttentionUNetSegLib import imageio, mrml_bridge, outputs
 from AttentionUNetSegLib.engine import ATTENTION_MAP_NAMES, Segmenter
 from AttentionUNetSegLib.errors import Cancelled, UserError
-from AttentionUNetSegLib.model_card import model_card_summary
-from AttentionUNetSegLib.weights import model_card_text
+from AttentionUNetSegLib.model_card import model_card_summary, model_card_text
 
 from . import ui
 
