@@ -13,11 +13,17 @@ COMMAND_MODULES = {
     "evaluate": "AttentionUNetSegTools.evaluation",
     "serve": "AttentionUNetSegTools.webapp.command",
     "synth": "AttentionUNetSegTools.synthesis.command",
+    "batch": "AttentionUNetSegTools.batch.command",
+    "calibrate": "AttentionUNetSegTools.calibration",
 }
 
 
+# Outputs the tools add to ``segment``: modules with add_segment_arguments(parser) and segment_outputs(args).
+SEGMENT_EXTRAS = ("AttentionUNetSegTools.dicom_seg",)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, COMMAND_MODULES)
+    return cli.main(argv, COMMAND_MODULES, SEGMENT_EXTRAS)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,238 @@
+"""``attention-unet-seg batch`` run as a user runs it, on real CT (files and a DICOM series) and a bad file:
+the summary, each case on its input's grid, resuming, Ctrl-C, and a Ray worker killed in mid-batch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+from AttentionUNetSegLib import outputs
+from AttentionUNetSegLib.imageio import read_image
+from AttentionUNetSegTools.batch import inputs, steps
+from AttentionUNetSegTools.batch.summary import COLUMNS
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("attention-unet-seg")
+LAYOUT = steps.Layout()
+CASE_FILES = {"pancreas.seg.nrrd", "attention.nrrd", "report.json"}
+
+
+def batch_command(*args) -> list[str]:
+    assert CONSOLE_SCRIPT.is_file(), f"{CONSOLE_SCRIPT} missing: run 'pip install -e .' in this environment"
+    return [str(CONSOLE_SCRIPT), "batch", *map(str, args), "--progress", "none"]
+
+
+def run_batch(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(batch_command(*args), capture_output=True, text=True, timeout=240, check=False)
+
+
+def read_summary(out: Path) -> dict[str, dict]:
+    with open(out / "summary.csv", newline="") as stream:
+        return {row["case"]: row for row in csv.DictReader(stream)}
+
+
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and all(abs(x - y) < 1e-4 for x, y in zip(a.GetSpacing(), b.GetSpacing()))
+            and all(abs(x - y) < 1e-3 for x, y in zip(a.GetOrigin(), b.GetOrigin()))
+            and all(abs(x - y) < 1e-6 for x, y in zip(a.GetDirection(), b.GetDirection())))
+
+
+def file_times(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def cohort(tmp_path, small_ct, abdomen_ct, dicom_dir) -> Path:
+    """A study folder as researchers keep one: a folder per patient, a DICOM series, a failed download."""
+    root = tmp_path / "cohort"
+    (root / "patient1").mkdir(parents=True)
+    (root / "patient1" / "ct.nii.gz").symlink_to(small_ct)
+    (root / "patient2").mkdir()
+    (root / "patient2" / "ct").symlink_to(dicom_dir, target_is_directory=True)
+    broken = root / "patient3" / "ct.nii.gz"
+    broken.parent.mkdir()
+    broken.write_text("<html><body>502 Bad Gateway</body></html>\n")
+    return root
+
+
+@pytest.fixture
+def cohort_csv(tmp_path, abdomen_ct) -> Path:
+    """A CSV of one more case with columns of its own, the path relative to the CSV."""
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "ct.nii.gz").symlink_to(abdomen_ct)
+    table = tmp_path / "cohort.csv"
+    table.write_text("path,age,site\nmore/ct.nii.gz,61,Basel\n")
+    return table
+
+
+def test_batch_segments_each_case_on_its_grid_reports_the_bad_one_and_resumes(cohort, cohort_csv, tmp_path,
+                                                                              tiny_model, dicom_dir):
+    out = tmp_path / "out"
+    first = run_batch(cohort, cohort_csv, "-o", out, "--weights", tiny_model)
+    assert first.returncode == 1, first.stderr
+    rows = read_summary(out)
+    assert list(rows) == ["patient1_ct", "patient2_ct", "patient3_ct", "ct"]
+    assert list(next(iter(rows.values())))[: len(COLUMNS)] == list(COLUMNS)
+    assert [rows[c]["status"] for c in rows] == ["ok", "ok", "error", "ok"]
+    bad = rows["patient3_ct"]
+    assert "ct.nii.gz is not an image" in bad["error"] and "\n" not in bad["error"] and bad["volume_ml"] == ""
+    assert "patient3_ct: error: ct.nii.gz is not an image" in first.stderr and "1 failed: patient3_ct" in first.stdout
+    assert (rows["ct"]["age"], rows["ct"]["site"]) == ("61", "Basel")  # carried from the CSV
+    assert rows["patient1_ct"]["age"] == ""
+    assert sorted(p.name for p in out.iterdir()) == ["ct", "patient1_ct", "patient2_ct", "summary.csv"]
+
+    sources = {"patient1_ct": cohort / "patient1" / "ct.nii.gz", "patient2_ct": dicom_dir,
+               "ct": cohort_csv.parent / "more" / "ct.nii.gz"}
+    for case, source in sources.items():
+        folder = out / case
+        assert {p.name for p in folder.iterdir()} == CASE_FILES
+        ct = read_image(source)
+        mask = sitk.ReadImage(str(folder / "pancreas.seg.nrrd"))
+        attention = sitk.ReadImage(str(folder / "attention.nrrd"))
+        assert same_grid(mask, ct) and same_grid(attention, ct), case
+        report = json.loads((folder / "report.json").read_text())
+        assert set(report) == set(outputs.REPORT_KEYS)
+        assert rows[case]["volume_ml"] == f"{report['volume_ml']:.2f}" and rows[case]["qc"] == report["qc"]
+        voxels = sum(sitk.GetArrayViewFromImage(mask).ravel() > 0)
+        assert abs(voxels * float(ct.GetSpacing()[0] * ct.GetSpacing()[1] * ct.GetSpacing()[2]) / 1000
+                   - report["volume_ml"]) < 0.01
+
+    before = file_times(out)
+    second = run_batch(cohort, cohort_csv, "-o", out, "--weights", tiny_model)
+    assert second.returncode == 1 and "(3 already done)" in second.stdout
+    assert {k: v for k, v in file_times(out).items() if k != "summary.csv"} == \
+        {k: v for k, v in before.items() if k != "summary.csv"}  # nothing rewritten
+    assert read_summary(out) == rows
+
+    # Half-written cases: a file missing, a file cut short, and a staging folder left by a killed run.
+    (out / "patient1_ct" / "attention.nrrd").unlink()
+    cut = out / "ct" / "pancreas.seg.nrrd"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    (out / ".patient2_ct-partial-x1").mkdir()
+    untouched = {k: v for k, v in file_times(out / "patient2_ct").items()}
+    third = run_batch(cohort, cohort_csv, "-o", out, "--weights", tiny_model)
+    assert third.returncode == 1 and "(1 already done)" in third.stdout, third.stdout
+    assert file_times(out / "patient2_ct") == untouched
+    for case in ("patient1_ct", "ct"):
+        assert {p.name for p in (out / case).iterdir()} == CASE_FILES
+        assert steps.finished_report(out, inputs.Case(case, sources[case]), LAYOUT) is not None
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [r["status"] for r in read_summary(out).values()] == ["ok", "ok", "error", "ok"]
+
+
+def test_bad_usage_is_one_line_and_exit_2(tmp_path, small_ct):
+    missing = run_batch(tmp_path / "nowhere", "-o", tmp_path / "out")
+    no_path = tmp_path / "list.csv"
+    no_path.write_text("file,age\nct.nii.gz,50\n")
+    no_path_column = run_batch(no_path, "-o", tmp_path / "out")
+    not_dicom = run_batch(small_ct, "-o", tmp_path / "out", "--dicom-seg")
+    for result, expected in ((missing, "does not exist"), (no_path_column, "has no 'path' column"),
+                             (not_dicom, "--dicom-seg needs a DICOM series")):
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_case_names_are_unique_and_stable(tmp_path, small_ct):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "a" / "ct.nii.gz").symlink_to(small_ct)
+    (tmp_path / "b" / "ct.nii.gz").symlink_to(small_ct)
+    (tmp_path / "b" / "ct.nrrd").write_bytes(b"")  # same stem, other format
+    (tmp_path / "b" / ".hidden.nii.gz").write_bytes(b"")
+    named = [str(tmp_path / "a" / "ct.nii.gz"), str(tmp_path / "b" / "ct.nii.gz")]
+    cases, _ = inputs.discover([Path(p) for p in named])
+    assert [c.name for c in cases] == ["a_ct", "b_ct"]  # two files named alike: their folders tell them apart
+    cases, _ = inputs.discover([tmp_path])
+    names = [c.name for c in cases]
+    assert names == ["a_ct", "b_ct", "b_ct-2"] and inputs.discover([tmp_path])[0] == cases
+
+
+def test_ctrl_c_keeps_finished_cases_whole_and_the_rerun_finishes(tmp_path, small_ct, abdomen_ct, tiny_model):
+    root = tmp_path / "cohort"
+    for number in range(6):
+        (root / f"p{number}").mkdir(parents=True)
+        (root / f"p{number}" / "ct.nii.gz").symlink_to(abdomen_ct if number % 2 else small_ct)
+    out = tmp_path / "out"
+    process = subprocess.Popen(batch_command(root, "-o", out, "--weights", tiny_model), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: "ok" in statuses(out).values(), process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "run the same command again" in stderr
+    done = [name for name, status in statuses(out).items() if status == "ok"]
+    assert 0 < len(done) < 6
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(done)  # no half-written case
+    for name in done:
+        assert steps.finished_report(out, inputs.Case(name, root), LAYOUT) is not None
+    rerun = run_batch(root, "-o", out, "--weights", tiny_model)
+    assert rerun.returncode == 0 and f"({len(done)} already done)" in rerun.stdout, rerun.stderr
+    assert set(statuses(out).values()) == {"ok"}
+
+
+def statuses(out: Path) -> dict[str, str]:
+    try:
+        return {case: row["status"] for case, row in read_summary(out).items()}
+    except (OSError, KeyError):
+        return {}
+
+
+def wait_for(condition, process: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out waiting for the batch"
+        time.sleep(0.05)
+
+
+def test_ray_batch_survives_a_killed_worker_and_writes_each_case_once(tmp_path, small_ct, dicom_dir, tiny_model):
+    pytest.importorskip("ray")
+    root = tmp_path / "cohort"
+    for number in range(5):
+        (root / f"p{number}").mkdir(parents=True)
+        (root / f"p{number}" / "ct.nii.gz").symlink_to(small_ct)
+    (root / "p5").symlink_to(dicom_dir, target_is_directory=True)
+    out = tmp_path / "out"
+    process = subprocess.Popen(batch_command(root, "-o", out, "--weights", tiny_model, "--engine", "ray",
+                                             "--workers", "2"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(process.stderr), daemon=True).start()
+    folders: dict[str, int] = {}  # case -> inode of its folder when first seen; a rewrite would change it
+
+    def watch() -> bool:
+        for folder in out.iterdir() if out.exists() else ():
+            if folder.is_dir() and not folder.name.startswith("."):
+                assert folders.setdefault(folder.name, folder.stat().st_ino) == folder.stat().st_ino, folder
+        return False
+
+    wait_for(lambda: watch() or any(line.startswith("worker 1 ready") for line in log), process)
+    pid = int(next(line for line in log if line.startswith("worker 1 ready")).split("pid ")[1].split()[0])
+    wait_for(lambda: watch() or "ok" in statuses(out).values(), process)
+    os.kill(pid, signal.SIGKILL)
+    while process.poll() is None:
+        watch()
+        time.sleep(0.05)
+    stdout = process.stdout.read()
+    assert process.returncode == 0, "".join(log)
+    assert any(line.startswith("worker 1 died") for line in log), "".join(log)
+    assert "6 case(s): 6 ok, 0 failed" in stdout
+    watch()
+    cases = [f"p{n}_ct" for n in range(5)] + ["p5"]
+    assert sorted(folders) == sorted(cases) == sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert set(statuses(out).values()) == {"ok"}
+    for case in cases:
+        assert {p.name for p in (out / case).iterdir()} == CASE_FILES
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
