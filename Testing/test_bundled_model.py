@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from AttentionUNetSegLib import geometry
 from AttentionUNetSegLib.engine import Segmenter
-from AttentionUNetSegTools.evaluation import reference_on_grid
+from AttentionUNetSegTools.evaluation import negative_crops, reference_on_grid
 from AttentionUNetSegTools.metrics import dice
 from AttentionUNetSegLib.imageio import read_image
 from AttentionUNetSegLib.weights import bundled_model_path, load_model
@@ -49,3 +49,12 @@ def test_the_same_anatomy_stored_flipped_gives_the_same_mask(segmenter, data_dir
     a, b = sitk.GetArrayViewFromImage(first.mask), sitk.GetArrayViewFromImage(back)
     assert a.any() and dice(a, b) > 0.98
     assert np.isclose(first.volume_ml, second.volume_ml, rtol=0.02)
+
+
+def test_it_finds_no_pancreas_where_there_is_none(segmenter, data_dir):
+    """The real CT cut below its pancreas (lower abdomen and pelvis): nothing found, and never an ok verdict."""
+    case = data_dir / "ts-abdomen-3mm"
+    image = read_image(case / "ct.nii.gz")
+    pelvis = negative_crops(image, reference_on_grid(case / "pancreas.nii.gz", image))["below-pancreas"]
+    result = segmenter.segment(pelvis, maps=())
+    assert result.volume_ml < 5.0 and result.verdict.qc != "ok"

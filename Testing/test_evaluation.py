@@ -80,7 +80,7 @@ def test_evaluation_scores_positives_and_negatives_with_the_verdict(tiny_model, 
     for score in scores:
         assert score.qc in ("ok", "check", "not found") and 0.0 <= score.confidence <= 1.0
     table = (tmp_path / "evaluation.md").read_text()
-    assert "ts-abdomen-3mm-crop" in table and "| mean |" in table and "## Per source, phase and view" in table
+    assert "ts-abdomen-3mm-crop" in table and "| mean |" in table and "## Per phase and view" in table and "## Per source" in table
     assert "ok on a case below Dice 0.5" in table
     summary = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert {(r["source"], r["view"]) for r in summary} == {("real", "abdomen"), ("real", "below-pancreas")}

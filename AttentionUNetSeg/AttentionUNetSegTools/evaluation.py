@@ -259,17 +259,20 @@ def _mean(values) -> float:
     return round(float(np.mean(values)), 4) if values else math.nan
 
 
-def summary_rows(scores: list[CaseScore]) -> list[dict]:
-    """One row per (source, phase, view): cases, mean Dice, volume error, false-positive mL, verdicts."""
+def summary_rows(scores: list[CaseScore], by_source: bool = False) -> list[dict]:
+    """One row per (real or synthetic, phase, view), or with ``by_source`` per (source, view): cases, mean
+    Dice, volume error, false-positive mL, verdicts."""
     groups: dict[tuple[str, str, str], list[CaseScore]] = {}
     for score in scores:
-        groups.setdefault((score.source, score.phase, score.view), []).append(score)
+        kind = score.source if by_source else score.source.split("/")[0]
+        groups.setdefault((kind, "all" if by_source else score.phase, score.view), []).append(score)
     rows = []
     for (source, phase, view), group in sorted(groups.items()):
         rows.append({
             "source": source, "phase": phase, "view": view, "cases": len(group),
             "labels": "/".join(sorted({s.labels for s in group})),
             "mean_dice": _mean(s.dice for s in group),
+            "min_dice": min((s.dice for s in group if not math.isnan(s.dice)), default=math.nan),
             "mean_volume_difference_pct": _mean(s.volume_difference_pct for s in group),
             "mean_false_positive_ml": _mean(s.false_positive_ml for s in group),
             "max_false_positive_ml": max((s.false_positive_ml for s in group if not math.isnan(s.false_positive_ml)),
@@ -310,14 +313,16 @@ def _write_tables(scores: list[CaseScore], output_dir: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    summary = summary_rows(scores)
-    with (output_dir / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
+    summary, sources = summary_rows(scores), summary_rows(scores, by_source=True)
+    for name, table in (("summary.csv", summary), ("by_source.csv", sources)):
+        with (output_dir / name).open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
     verdicts = [{"check": k, "count": v} for k, v in verdict_summary(scores).items()]
-    lines = ["## Per case", "", *_markdown(rows, fields), "", "## Per source, phase and view", "",
-             *_markdown(summary, list(summary[0])), "", "## Verdict", "", *_markdown(verdicts, ["check", "count"])]
+    lines = ["## Per case", "", *_markdown(rows, fields), "", "## Per phase and view", "",
+             *_markdown(summary, list(summary[0])), "", "## Per source", "", *_markdown(sources, list(sources[0])),
+             "", "## Verdict", "", *_markdown(verdicts, ["check", "count"])]
     (output_dir / "evaluation.md").write_text("\n".join(lines) + "\n")
 
 
@@ -354,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
                         "pass --pairs IMAGE LABEL, --data-dir or --synthetic N")
     scores = evaluate(segmenter, cases, Path(args.output_dir))
     print((Path(args.output_dir) / "evaluation.md").read_text(), end="")
-    print(f"written: {Path(args.output_dir) / 'evaluation.csv'}, {Path(args.output_dir) / 'summary.csv'}"
+    print(f"written: {Path(args.output_dir) / 'evaluation.csv'}, summary.csv, by_source.csv"
           + (f", {Path(args.output_dir) / 'evaluation.png'}" if (Path(args.output_dir) / "evaluation.png").is_file()
              else ""))
     return 0 if scores else 1
