@@ -2,6 +2,7 @@
 against MONAI's AttentionUnet of equal width, measured in the same process on the same tiles.
 
     .venv/bin/python Testing/benchmark.py [--threads 2] [--weights FILE]
+    .venv/bin/python Testing/benchmark.py --cohort N [--rounds 2]   # cases per hour: segment per CT vs batch
     .venv/bin/python Testing/benchmark.py --panel       # the Slicer panel's path beside the CLI
 
 The CT is the real 3 mm abdomen case of ../shared/data resampled onto a 512x512x200 grid (same extent),
@@ -174,6 +175,69 @@ def panel_path(ct: Path, model: Path, threads: int, device: str, folder: Path, m
             "result": measured["result"], "maps_imported": measured["maps_imported"]}
 
 
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cohort_throughput(copies: int, model: Path, threads: int, folder: Path, rounds: int) -> dict:
+    """Cases per hour for ``copies`` of the real 3 mm abdomen CT, each with its segmentation, attention map and
+    report: one ``segment`` process per CT, ``batch --engine local`` and ``batch --engine ray``, as users run
+    them (start-up included). The three take turns for ``rounds`` rounds, and each one's fastest round counts:
+    on a shared machine the others' load only ever slows a round down. The load average is reported too."""
+    from AttentionUNetSegLib.locations import shared_data_dir
+
+    source = shared_data_dir() / "ts-abdomen-3mm" / "ct.nii.gz"
+    cohort = folder / "cohort"
+    for number in range(copies):
+        (cohort / f"case{number:03d}").mkdir(parents=True)
+        (cohort / f"case{number:03d}" / "ct.nii.gz").symlink_to(source)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    tools = [sys.executable, "-m", "AttentionUNetSegTools.cli"]
+    common = ["--weights", str(model), "--device", "cpu", "--progress", "none"]
+
+    def timed(commands: list[list[str]]) -> tuple[float, float]:
+        """Wall seconds, and the CPU seconds of the processes run (Ray's daemons are not among them)."""
+        start, cpu = time.perf_counter(), _children_cpu_seconds()
+        for command in commands:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+            if done.returncode:
+                raise SystemExit(f"{command[3]} failed: {done.stderr.strip()}")
+        return time.perf_counter() - start, _children_cpu_seconds() - cpu
+
+    def per_ct(case: Path, out: Path) -> list[str]:
+        out = out / case.parent.name
+        out.mkdir(parents=True)
+        return [*tools, "segment", str(case), "-o", str(out / "pancreas.seg.nrrd"), "--attention",
+                str(out / "attention.nrrd"), "--report", str(out / "report.json"), *common]
+
+    def batch(engine: str, out: Path) -> list[list[str]]:
+        return [[*tools, "batch", str(cohort), "-o", str(out), "--engine", engine, *common]]
+
+    modes = {"segment per CT": lambda out: [per_ct(c, out) for c in sorted(cohort.glob("*/ct.nii.gz"))],
+             "batch --engine local": lambda out: batch("local", out),
+             "batch --engine ray": lambda out: batch("ray", out)}
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
+    loads = [os.getloadavg()[0]]
+    for round_number in range(rounds):
+        for index, (name, commands) in enumerate(modes.items()):
+            samples[name].append(timed(commands(folder / f"round{round_number}" / str(index))))
+            loads.append(os.getloadavg()[0])
+    best = {name: min(values) for name, values in samples.items()}
+    baseline = best["segment per CT"]
+    return {
+        "cases": copies,
+        "ct": "ts-abdomen-3mm (122x101x112, 3 mm), real",
+        **{name: {"seconds_per_round": [round(wall, 1) for wall, _ in samples[name]],
+                  "cases_per_hour": round(copies * 3600 / wall),
+                  "vs_segment_per_ct": round(baseline[0] / wall, 2),
+                  **({"cpu_seconds_per_case": round(cpu / copies, 2)} if "ray" not in name else {})}
+           for name, (wall, cpu) in best.items()},
+        "load_average_1min_min_max": [round(min(loads), 2), round(max(loads), 2)],
+        "cpu_cores": os.cpu_count(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -181,10 +245,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tile", type=int, default=96)
     parser.add_argument("--tiles", type=int, default=4)
+    parser.add_argument("--cohort", type=int, metavar="N", help="only the cohort benchmark, on N copies of a CT")
+    parser.add_argument("--rounds", type=int, default=2, help="cohort benchmark: rounds (the fastest counts)")
     parser.add_argument("--panel", action="store_true", help="only the Slicer panel's path, and the CLI beside it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        if args.cohort:
+            model = benchmark_model(folder, args.weights)
+            print(json.dumps(cohort_throughput(args.cohort, model, args.threads, folder, args.rounds), indent=2))
+            return
         ct = make_clinical_size_ct(folder)
         model = benchmark_model(folder, args.weights)
         if args.panel:

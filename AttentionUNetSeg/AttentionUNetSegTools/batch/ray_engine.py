@@ -134,7 +134,7 @@ class _Dispatcher:
         self.running[actor.describe.remote()] = (actor, None, self.started)
 
     def run(self) -> None:
-        while self.running:
+        while self.pending or self._cases_running():  # not for actors still starting (or never placed)
             (ref,), _ = self.ray.wait(list(self.running), num_returns=1)
             actor, case, number = self.running.pop(ref)
             try:
@@ -147,6 +147,9 @@ class _Dispatcher:
             else:
                 self._case_done(case, answer)
             self._give_work(actor, number)
+
+    def _cases_running(self) -> bool:
+        return any(case is not None for _, case, _ in self.running.values())
 
     def _actor_ready(self, actor, number: int, description: dict) -> None:
         if description["failure"]:
