@@ -77,6 +77,8 @@ def gzip_nrrd(ct: sitk.Image, path: Path) -> Path:
 INPUTS = {
     "missing file": (lambda ct, d: d / "absent.nii.gz", "does not exist"),
     "truncated .nii.gz": (lambda ct, d: cut_short(ct, d / "cut.nii.gz"), "is incomplete"),
+    "truncated .nii": (lambda ct, d: cut_short(write_variant(ct, d / "full.nii", lambda i: i), d / "cut.nii", 300000),
+                       "is incomplete"),
     "truncated gzip .nrrd": (lambda ct, d: cut_short(gzip_nrrd(sitk.ReadImage(str(ct)), d / "full.nrrd"),
                                                      d / "cut.nrrd", 40000), "is incomplete"),
     "text file": (lambda ct, d: _text(d / "notes.txt"), "not an image"),

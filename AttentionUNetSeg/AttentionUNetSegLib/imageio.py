@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import struct
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from .segment_description import PANCREAS_SEGMENT
 # attention map, and resampling buffers. Measured on the 512x512x200 benchmark (see Testing/benchmark.py).
 PEAK_BYTES_PER_INPUT_VOXEL = 16
 GZIP_MAGIC = b"\x1f\x8b"
+NIFTI1_HEADER_BYTES = 348
 GZIP_SEARCH_BYTES = 65536  # a NRRD header ends well before this
 HEADER_SLACK_BYTES = 2**20  # a NIfTI header with its extensions, before the voxels, in the same stream
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -115,6 +117,7 @@ def _check_complete(path: Path, data_bytes: int) -> None:
     only when it does not is the stream decompressed to be sure."""
     start = _gzip_data_start(path)
     if start is None:
+        _check_nifti_length(path, data_bytes)
         return
     with open(path, "rb") as stream:
         stream.seek(-4, os.SEEK_END)
@@ -130,6 +133,20 @@ def _check_complete(path: Path, data_bytes: int) -> None:
         if not decompressor.eof:
             raise UserError(f"{path.name} is incomplete", "its compressed data ends before the image does",
                             "copy or download the file again")
+
+
+def _check_nifti_length(path: Path, data_bytes: int) -> None:
+    """An uncompressed NIfTI file must hold its header and all its voxels (ITK pads a short one with zeros;
+    NRRD and MetaImage readers already fail)."""
+    with open(path, "rb") as stream:
+        header = stream.read(NIFTI1_HEADER_BYTES)
+    if len(header) < NIFTI1_HEADER_BYTES or header[344:347] not in (b"n+1", b"ni1"):
+        return
+    order = "<" if int.from_bytes(header[:4], "little") == NIFTI1_HEADER_BYTES else ">"
+    voxel_offset = int(struct.unpack(f"{order}f", header[108:112])[0])
+    if path.stat().st_size < voxel_offset + data_bytes:
+        raise UserError(f"{path.name} is incomplete", "the file ends before the image does",
+                        "copy or download the file again")
 
 
 def _gzip_data_start(path: Path) -> int | None:
