@@ -333,7 +333,7 @@ def test_interrupted_run_exits_130_and_leaves_nothing(abdomen_ct, tiny_model, tm
     child.send_signal(signal_number)
     _, stderr = child.communicate(timeout=120)
     assert child.returncode == 130
-    assert stderr.strip() == "error: interrupted; no output was written"
+    assert stderr.strip() == "error: interrupted; nothing half-written was left behind"
     assert list(out.iterdir()) == []
 
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None, command_modules: dict[str, str] | None =
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USER_ERROR
         except (KeyboardInterrupt, Cancelled):
-            print("error: interrupted; no output was written", file=sys.stderr)
+            print("error: interrupted; nothing half-written was left behind", file=sys.stderr)
             return EXIT_INTERRUPTED
         except MemoryError:
             print("error: out of memory; close other programs, or crop or downsample the CT", file=sys.stderr)
