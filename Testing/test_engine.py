@@ -101,7 +101,10 @@ def test_flipped_storage_gives_the_same_physical_result(segmenter, ct, axis):
     for image, original in ((result.attention_maps["combined"], reference.attention_maps["combined"]),
                             (result.mask, reference.mask)):
         back = sitk.GetArrayFromImage(geometry.resample_like(image, ct, sitk.sitkNearestNeighbor)).astype(int)
-        assert np.abs(back - sitk.GetArrayViewFromImage(original)).max() <= 1  # 8-bit rounding at most
+        differing = np.abs(back - sitk.GetArrayViewFromImage(original)) > 1  # beyond 8-bit rounding
+        # A voxel whose HU rounds to either side of the body threshold may fall in or out of the body (where
+        # the maps are zeroed): a few such voxels on the skin, never a mirrored map
+        assert differing.mean() < 1e-4, differing.sum()
 
 
 def test_oblique_anisotropic_and_tiny_inputs_keep_their_grid(segmenter, ct):

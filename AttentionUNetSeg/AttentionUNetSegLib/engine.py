@@ -213,12 +213,17 @@ def normalise_hu(volume: np.ndarray, hu_range: tuple[float, float]) -> np.ndarra
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Half precision where the hardware runs it fast: bf16/fp16 on CUDA, bf16 on CPUs with native bf16."""
+    """Half precision where the hardware runs it fast: bf16/fp16 on CUDA, bf16 on CPUs with native bf16.
+
+    oneDNN also "supports" bf16 on plain AVX-512 by emulation, which measured 20% slower than fp32 there
+    (Testing/benchmark.py), so the CPU needs the AVX-512 BF16 or AMX instructions themselves.
+    """
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native = [getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     try:
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    except (AttributeError, RuntimeError):
+        return torch.bfloat16 if any(check() for check in native) else None
+    except RuntimeError:
         return None
 
 
