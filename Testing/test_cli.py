@@ -202,7 +202,8 @@ def test_dicom_series_and_its_flipped_twin_agree_in_physical_space(dicom_dir, ti
 
     attention = sitk.ReadImage(str(tmp_path / "dicom_attention.nii.gz"))
     twin_attention = sitk.Resample(sitk.ReadImage(str(tmp_path / "flipped_attention.nii.gz")), attention)
-    assert np.abs(sitk.GetArrayViewFromImage(twin_attention) - sitk.GetArrayViewFromImage(attention)).max() < 1e-3
+    difference = np.abs(sitk.GetArrayFromImage(twin_attention) - sitk.GetArrayFromImage(attention))
+    assert difference.max() <= 1 / ATTENTION_SCALE + 1e-6  # one 8-bit step at most
 
 
 def test_info_without_a_bundled_model_says_how_to_pass_one(tmp_path):

@@ -55,7 +55,11 @@ def run(cases: list[Case], out_dir: Path, layout: steps.Layout, segmenter, on_ok
                 job.add_done_callback(_recorder(item.case, seconds, on_ok, on_error, writes))
         except BaseException:
             stop.set()
-            _drain(loaded)  # unblocks the reader so it sees the stop
+            # The reader must end before the interpreter does: a daemon thread inside a SimpleITK read at exit
+            # aborts the process ("FATAL: exception not rethrown") instead of exiting 130
+            while reader.is_alive():
+                _drain(loaded)  # unblocks the reader so it sees the stop
+                reader.join(0.1)
             raise
 
 
