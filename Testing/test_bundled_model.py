@@ -26,7 +26,7 @@ def segmenter():
 def test_the_bundled_model_is_verified_and_documented():
     model = load_model(None)
     assert model.path == bundled_model_path()
-    assert model.spec.training["steps"] > 1000 and "ts-abdomen-3mm" in model.spec.training["real_cases"]
+    assert model.spec.training["total_steps"] > 1000 and "ts-abdomen-3mm" in model.spec.training["real_cases"]
     assert (bundled_model_path().parent / "MODEL_CARD.md").read_text().count("silver") >= 1
 
 
