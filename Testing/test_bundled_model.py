@@ -12,10 +12,10 @@ import SimpleITK as sitk
 
 from AttentionUNetSegLib import geometry
 from AttentionUNetSegLib.engine import Segmenter
-from AttentionUNetSegTools.evaluation import negative_crops, reference_on_grid
-from AttentionUNetSegTools.metrics import dice
 from AttentionUNetSegLib.imageio import read_image
 from AttentionUNetSegLib.weights import bundled_model_path, load_model
+from AttentionUNetSegTools.evaluation import negative_crops, reference_on_grid
+from AttentionUNetSegTools.metrics import dice
 
 
 @pytest.fixture(scope="module")

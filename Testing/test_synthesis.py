@@ -7,12 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from AttentionUNetSegTools.cli import main
+from scipy import ndimage
+
 from AttentionUNetSegLib.errors import UserError
-from AttentionUNetSegTools.synthesis.catalog import DUPLICATES, labelmap_catalog, split_by_patient
-from AttentionUNetSegTools.synthesis.generator import SyntheticCTGenerator
+from AttentionUNetSegTools.cli import main
 from AttentionUNetSegTools.synthesis.calibration import MEASURED_HU, measure_tissue_hu
-from AttentionUNetSegTools.synthesis.generator import NEGATIVE_MARGIN_MM
+from AttentionUNetSegTools.synthesis.catalog import DUPLICATES, labelmap_catalog, split_by_patient
+from AttentionUNetSegTools.synthesis.generator import NEGATIVE_MARGIN_MM, SyntheticCTGenerator
 from AttentionUNetSegTools.synthesis.intensities import (
     FAT_FRACTION,
     FAT_HU,
@@ -34,7 +35,6 @@ from AttentionUNetSegTools.synthesis.vocabulary import (
     read_label_table,
     tissue_lookup,
 )
-from scipy import ndimage
 
 
 @pytest.fixture(scope="module")

@@ -168,6 +168,7 @@ def evaluation_cases(synthetic: int, negatives: int, data_dir: Path | None = Non
     """Real cases and their negative crops (with ``real``, when the data folder exists), then held-out
     synthetic cases."""
     from AttentionUNetSegLib.locations import shared_data_dir
+
     from .synthesis.catalog import held_out_label_maps
 
     data_dir = Path(data_dir) if data_dir else shared_data_dir()

@@ -12,6 +12,7 @@ from functools import cache
 from pathlib import Path
 
 from AttentionUNetSegLib.errors import UserError
+
 from .vocabulary import TISSUE, label_table_path, read_label_table, tissue_lookup
 
 # Folder -> whether people drew (or revised by hand) the pancreas label, from the label maps' README.

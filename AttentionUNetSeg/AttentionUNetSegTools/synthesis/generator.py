@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from AttentionUNetSegLib.errors import UserError
+
 from .anatomy import add_body
 from .catalog import LabelMapEntry
 from .intensities import Appearance, draw_appearance, render

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from AttentionUNetSegLib.geometry import canonical_grid, resample_like
+
 from .catalog import LabelMapEntry
 from .noise import smooth_noise
 from .vocabulary import TISSUE, read_label_table, tissue_lookup

@@ -11,6 +11,7 @@ import yaml
 from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegLib.locations import REPOSITORY, shared_dir
 from AttentionUNetSegLib.network import NetworkConfig
+
 from ..synthesis.catalog import SPLIT_SEED, VALIDATION_FRACTION
 
 

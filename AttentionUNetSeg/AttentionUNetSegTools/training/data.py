@@ -15,6 +15,7 @@ from AttentionUNetSegLib import geometry
 from AttentionUNetSegLib.engine import AIR_HU
 from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegLib.imageio import read_image
+
 from ..metrics import NEGATIVE_MARGIN_MM, NEGATIVE_MIN_MM, pancreas_free_rows
 from .config import DataSource, TrainingConfig, resolve_path
 

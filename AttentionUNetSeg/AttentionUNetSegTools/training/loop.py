@@ -17,6 +17,7 @@ from tqdm import tqdm
 from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter, autocast_dtype, normalise_hu, resolve_device
 from AttentionUNetSegLib.network import AttentionUNet3D
 from AttentionUNetSegLib.weights import LoadedModel, ModelSpec, load_model, save_model
+
 from ..evaluation import file_case, synthetic_cases
 from ..metrics import dice
 from .config import TrainingConfig, resolve_path
