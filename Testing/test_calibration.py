@@ -18,11 +18,11 @@ def case(name: str, dice: float, confidence: float, other_doubt: bool = False) -
     return CalibrationCase(name, "synthetic", "venous", dice, confidence, "check", other_doubt)
 
 
-def test_threshold_lies_above_every_bad_case_that_only_confidence_can_stop():
-    cases = [case("good", 0.85, 0.9), case("fair", 0.6, 0.7), case("bad", 0.3, 0.8),
-             case("bad but cut off", 0.2, 0.95, other_doubt=True), case("negative", math.nan, 0.6)]
+def test_threshold_lies_above_every_bad_case_even_those_another_doubt_stops():
+    cases = [case("good", 0.85, 0.9), case("fair", 0.6, 0.7), case("bad", 0.3, 0.75),
+             case("bad but cut off", 0.2, 0.8, other_doubt=True), case("negative", math.nan, 0.6)]
     threshold = ok_threshold(cases)
-    assert threshold == round(0.8 + MARGIN, 3)
+    assert threshold == round(0.8 + MARGIN, 2)
     result = rates(cases, threshold)
     assert result["ok_on_bad_cases"] == "0 of 3"
     assert result["good_cases_flagged"] == "1 of 2" and result["mean_dice_of_ok"] == 0.85

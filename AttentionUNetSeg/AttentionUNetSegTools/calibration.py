@@ -2,8 +2,8 @@
 
 Segments the calibration cases of ``evaluation.calibration_cases`` (held-out synthetic patients of every
 phase with manual labels, synthetic and real negatives, the real cases with silver labels), then picks the
-lowest confidence at which no case below Dice 0.5 and no negative would be called "ok", and reports how
-many good cases are flagged at that threshold. With ``--tta`` the two-pass agreement is part of it.
+lowest confidence at which no case below Dice 0.5 and no negative would be called "ok" on its confidence,
+and reports how many good cases are flagged at that threshold. With ``--tta`` the two-pass agreement is part of it.
 """
 
 from __future__ import annotations
@@ -74,9 +74,11 @@ def measure(segmenter, name: str, image: sitk.Image, reference, source: str, pha
 
 
 def ok_threshold(cases: list[CalibrationCase]) -> float:
-    """The lowest confidence at which no bad case (below Dice 0.5, or a negative) would be "ok"."""
-    reachable = [c.confidence for c in cases if c.bad and not c.doubts_besides_confidence]
-    return round(max(reachable) + MARGIN, 3) if reachable else OK_CONFIDENCE
+    """The lowest confidence at which no bad case (below Dice 0.5, or a negative) would be "ok" on confidence
+    alone, even where another doubt already stops it: with a few dozen cases, the other doubts are no margin
+    to count on."""
+    bad = [c.confidence for c in cases if c.bad]
+    return round(max(bad) + MARGIN, 2) if bad else OK_CONFIDENCE
 
 
 def rates(cases: list[CalibrationCase], threshold: float) -> dict:
