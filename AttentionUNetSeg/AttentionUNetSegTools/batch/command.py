@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     todo = _resume(cases, out_dir, layout, summary)
     with _Progress(len(cases), len(cases) - len(todo), args.progress) as progress:
         def on_ok(case, report, seconds):
-            summary.record_ok(case.name, report, seconds)
+            summary.record_ok(case.name, report)
             progress.advance()
 
         def on_error(case, reason, seconds):

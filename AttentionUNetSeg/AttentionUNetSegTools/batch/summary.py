@@ -26,11 +26,10 @@ class Summary:
         }
         self._lock = threading.Lock()
 
-    def record_ok(self, case: str, report: dict, seconds: float | None = None, save: bool = True) -> None:
-        """A finished case, from its report (``seconds``: this run's time for it, else the report's)."""
+    def record_ok(self, case: str, report: dict, save: bool = True) -> None:
+        """A finished case, from its report alone, so a rerun that skips it writes the same row."""
         self._record(case, save, status=OK, volume_ml=f"{report['volume_ml']:.2f}", qc=report["qc"],
-                     confidence=f"{report['confidence']:.3f}",
-                     seconds=f"{report['seconds'] if seconds is None else seconds:.1f}", error="")
+                     confidence=f"{report['confidence']:.3f}", seconds=f"{report['seconds']:.1f}", error="")
 
     def record_error(self, case: str, reason: str, seconds: float) -> None:
         self._record(case, True, status=ERROR, volume_ml="", qc="", confidence="", seconds=f"{seconds:.1f}",
