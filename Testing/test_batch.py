@@ -19,7 +19,7 @@ from conftest import same_grid
 
 from AttentionUNetSegLib import outputs
 from AttentionUNetSegLib.imageio import read_image
-from AttentionUNetSegTools.batch import inputs, steps
+from AttentionUNetSegTools.batch import command, inputs, steps
 from AttentionUNetSegTools.batch.summary import COLUMNS
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("attention-unet-seg")
@@ -136,6 +136,22 @@ def test_bad_usage_is_one_line_and_exit_2(tmp_path, small_ct):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_batch_into_the_same_folder_is_refused_and_leaves_the_first_ones_work(tmp_path, small_ct):
+    from filelock import FileLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    first_ones_staging = out / f".case{steps.STAGING_MARK}abc"
+    first_ones_staging.mkdir()
+    with FileLock(out / command.LOCK_NAME):  # the first batch, still running
+        second = run_batch(small_ct, "-o", out)
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: another batch is writing into"), second.stderr
+    assert first_ones_staging.is_dir()
+    assert not (out / "summary.csv").exists()
 
 
 def test_case_names_are_unique_and_stable(tmp_path, small_ct):

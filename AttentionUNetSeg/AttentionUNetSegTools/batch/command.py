@@ -12,6 +12,7 @@ Exit status: 0 when every case succeeded, 1 when some failed (the summary says w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .summary import Summary
 
 ENGINES = ("local", "ray")
 SUMMARY_NAME = "summary.csv"
+LOCK_NAME = ".batch.lock"
 EXIT_SOME_FAILED = 1
 
 
@@ -52,11 +54,33 @@ def run(args: argparse.Namespace) -> int:
     if args.dicom_seg:
         _check_dicom_seg(cases)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _sole_writer(out_dir):
+        return _run_locked(args, cases, carried, out_dir, layout)
+
+
+@contextlib.contextmanager
+def _sole_writer(out_dir: Path):
+    """Hold OUT's lock: a second batch into the same folder would remove this one's staging and summary rows."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(out_dir / LOCK_NAME)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"another batch is writing into {out_dir}", "two batches in one folder would overwrite "
+                        "each other's cases and summary", "wait for it to finish, or pass another -o") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_locked(args, cases, carried, out_dir: Path, layout: steps.Layout) -> int:
     steps.remove_staging(out_dir)
     summary = Summary(out_dir / SUMMARY_NAME, cases, carried)
     todo = _resume(cases, out_dir, layout, summary)
     with _Progress(len(cases), len(cases) - len(todo), args.progress) as progress:
-        def on_ok(case, report, seconds):
+        def on_ok(case, report):
             summary.record_ok(case.name, report)
             progress.advance()
 

@@ -22,12 +22,12 @@ from .inputs import Case
 READ_AHEAD = 1  # CTs read while the network is busy
 WRITES_IN_FLIGHT = 2  # results waiting for the writer
 
-OnOk = Callable[[Case, dict, float], None]
+OnOk = Callable[[Case, dict], None]  # the case's report holds its seconds
 OnError = Callable[[Case, str, float], None]
 
 
 def run(cases: list[Case], out_dir: Path, layout: steps.Layout, segmenter, on_ok: OnOk, on_error: OnError) -> None:
-    """Segment every case; each ends in ``on_ok(case, report, seconds)`` or ``on_error(case, reason, seconds)``.
+    """Segment every case; each ends in ``on_ok(case, report)`` or ``on_error(case, reason, seconds)``.
 
     On Ctrl-C the cases being written are finished (they stay whole), the rest are left for the next run.
     """
@@ -88,7 +88,7 @@ def _recorder(case: Case, seconds: float, on_ok: OnOk, on_error: OnError, writes
             return
         error = job.exception()
         if error is None:
-            on_ok(case, job.result(), seconds)
+            on_ok(case, job.result())
         else:
             on_error(case, steps.one_line(error), seconds)
 

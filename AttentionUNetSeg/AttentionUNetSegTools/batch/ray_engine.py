@@ -160,7 +160,7 @@ class _Dispatcher:
     def _case_done(self, case: Case, answer: tuple) -> None:
         status, value, seconds = answer
         if status == "ok":
-            self.on_ok(case, value, seconds)
+            self.on_ok(case, value)
         else:
             self.on_error(case, value, seconds)
 
