@@ -9,6 +9,8 @@ import SimpleITK as sitk
 import slicer
 from conftest import ijk_to_ras, new_scene, read_with_slicer, same_grid
 from vtkmodules.util import numpy_support
+from vtkmodules.util.misc import calldata_type
+from vtkmodules.util.vtkConstants import VTK_OBJECT
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from vtkmodules.vtkImagingCore import vtkExtractVOI
@@ -454,6 +456,46 @@ def test_second_run_updates_the_outputs_of_the_first(small_ct, segmenter):
     assert third.attention_nodes["combined"].GetName() == "CT 2 attention combined"
     assert len(nodes_of_class(scene, "vtkMRMLSegmentationNode")) == 2
     assert len(nodes_of_class(scene, "vtkMRMLColorNode")) == 1
+
+
+def give_added_nodes_top_level_items(scene) -> None:
+    """What Slicer's subject hierarchy logic does and bare MRML does not: every added volume or segmentation
+    gets an item at the scene's top level."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+
+    @calldata_type(VTK_OBJECT)
+    def on_node_added(caller, event, node):
+        if node.IsA("vtkMRMLDisplayableNode") and not hierarchy.GetItemByDataNode(node):
+            hierarchy.CreateItem(hierarchy.GetSceneItemID(), node)
+
+    scene.AddObserver(slicer.vtkMRMLScene.NodeAddedEvent, on_node_added)
+
+
+@pytest.mark.parametrize("like_slicer", [True, False], ids=["slicer-items", "bare-mrml"])
+def test_outputs_sit_in_the_inputs_study_and_stay_where_the_user_moves_them(small_ct, segmenter, like_slicer):
+    scene = new_scene()
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if like_slicer:
+        give_added_nodes_top_level_items(scene)
+    ct_node = read_with_slicer(scene, small_ct)
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient"), "Study")
+    if like_slicer:
+        hierarchy.SetItemParent(hierarchy.GetItemByDataNode(ct_node), study)
+    else:
+        hierarchy.CreateItem(study, ct_node)
+
+    def parent_of(node):
+        return hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node))
+
+    outputs, _ = mrml_bridge.segment_volume_node(scene, ct_node, segmenter, attention_names=("combined",))
+    assert parent_of(outputs.segmentation_node) == study
+    assert parent_of(outputs.attention_nodes["combined"]) == study
+
+    reviewed = hierarchy.CreateFolderItem(hierarchy.GetSceneItemID(), "Reviewed")
+    hierarchy.SetItemParent(hierarchy.GetItemByDataNode(outputs.segmentation_node), reviewed)
+    again, _ = mrml_bridge.segment_volume_node(scene, ct_node, segmenter, attention_names=("combined",))
+    assert again.segmentation_node is outputs.segmentation_node
+    assert parent_of(again.segmentation_node) == reviewed
 
 
 def test_outputs_follow_the_parent_transform_of_the_input(abdomen_ct):

@@ -320,6 +320,24 @@ def _mark_output(node, input_volume_node, kind: str) -> None:
     node.SetAttribute(OUTPUT_ATTRIBUTE, kind)
     node.SetNodeReferenceID(INPUT_ROLE, input_volume_node.GetID())
     node.SetAndObserveTransformNodeID(input_volume_node.GetTransformNodeID())  # same frame as the input
+    _place_beside_input(node, input_volume_node)
+
+
+def _place_beside_input(node, input_volume_node) -> None:
+    """In the Data module an output sits beside its input (in the DICOM study), not at the scene's top level.
+
+    Slicer gives every added node a top-level item; an output the user has moved elsewhere stays there.
+    """
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+    input_item = hierarchy.GetItemByDataNode(input_volume_node)
+    if not input_item:
+        return
+    parent = hierarchy.GetItemParent(input_item)
+    item = hierarchy.GetItemByDataNode(node)
+    if not item:
+        hierarchy.CreateItem(parent, node)
+    elif hierarchy.GetItemParent(item) == hierarchy.GetSceneItemID():
+        hierarchy.SetItemParent(item, parent)
 
 
 def _previous_outputs(scene, input_volume_node) -> SegmentationOutputs:
