@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import time
 from typing import Annotated
 
@@ -19,6 +20,8 @@ import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -37,6 +40,7 @@ REQUESTER = "Pancreas Attention U-Net"
 POLL_INTERVAL_MS = 100
 DEVICE_CHOICES = {"Auto": "auto", "GPU": "cuda", "CPU": "cpu"}  # panel label -> protocol --device
 WARNING_STYLE = "color: #c46a00"  # a result to check; readable on light and dark themes
+LIB_PACKAGE = "AttentionUNetSegLib"  # reloaded with this file
 CANCEL_LIMIT_SECONDS = 2.0  # the self-test's bound for Cancel to end the whole process tree
 logger = logging.getLogger(__name__)
 
@@ -44,12 +48,12 @@ logger = logging.getLogger(__name__)
 class AttentionUNetSeg(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Pancreas Attention U-Net"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("Pancreas Attention U-Net")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["AttentionUNetSeg contributors (https://github.com/attentionunetseg)"]
         self.parent.helpText = helpText()
-        self.parent.acknowledgementText = (
+        self.parent.acknowledgementText = _(
             "<p>The network follows the 3D Attention U-Net of Oktay O, Schlemper J, Le Folgoc L, et al. "
             '"Attention U-Net: Learning Where to Look for the Pancreas." Medical Imaging with Deep Learning '
             '(MIDL) 2018, <a href="https://arxiv.org/abs/1804.03999">arXiv:1804.03999</a>. '
@@ -62,8 +66,8 @@ class AttentionUNetSeg(ScriptedLoadableModule):
 def helpText() -> str:
     card = model_card_text()
     model = (model_card_summary_html(card) if card
-             else "<p>No trained model is bundled with this copy; segmenting will say so.</p>")
-    return (
+             else _("<p>No trained model is bundled with this copy; segmenting will say so.</p>"))
+    return _(
         "<p>Segments the pancreas in an abdominal CT with a 3D Attention U-Net and shows the attention-gate "
         "coefficients as a heatmap: where the network looked.</p>"
         "<p>Select a CT and click <b>Segment Pancreas</b>. The result is a <i>Pancreas</i> segment, a verdict "
@@ -72,7 +76,7 @@ def helpText() -> str:
         "application stays responsive and the run can be cancelled. PyTorch (through the PyTorch extension, "
         "which imports it once into Slicer to install it) and safetensors are installed on first use, after "
         "you confirm.</p>"
-        f"{model}"
+    ) + model + _(
         "<p>Limits: trained for adult abdominal CT in Hounsfield units; other modalities, children, or a "
         "pancreas outside the field of view give unreliable results. Always review the segmentation.</p>"
         "<p><b>Research use only.</b> Not for clinical decisions.</p>"
@@ -137,6 +141,12 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.initializeParameterNode()
         self.updateInputChoices()
+
+    def onReload(self):
+        """Slicer's Reload re-reads this file only: forget the Lib too, so that edits to it take effect."""
+        for name in [name for name in sys.modules if name.partition(".")[0] == LIB_PACKAGE]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def cleanup(self):
         """Slicer is closing or the module is reloaded: end a running child process tree."""
@@ -204,8 +214,9 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def computeAttentionMap(self, mapName):
         """A gate the run did not compute: a second, maps-only run in the background (Cancel stops it)."""
         parameters = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(f"Could not compute the {mapName} attention map."):
-            self.ui.statusLabel.text = f"Computing the {mapName} attention map..."
+        with slicer.util.tryWithErrorDisplay(_("Could not compute the {mapName} attention map.").format(
+                mapName=mapName)):
+            self.ui.statusLabel.text = _("Computing the {mapName} attention map...").format(mapName=mapName)
             self.logic.computeAttentionMap(mapName, device=DEVICE_CHOICES[parameters.device],
                                            quality=parameters.quality, waitForCompletion=False,
                                            progressCallback=self.onProgress, completionCallback=self.onMapComputed)
@@ -214,25 +225,25 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onMapComputed(self, result, error):
         self.updateApplyButton()
         if error is None:
-            self.ui.statusLabel.text = "Done."
+            self.ui.statusLabel.text = _("Done.")
             self.onParameterChanged()
         elif isinstance(error, Cancelled):
-            self.ui.statusLabel.text = "Cancelled; the attention map shown is unchanged."
+            self.ui.statusLabel.text = _("Cancelled; the attention map shown is unchanged.")
         else:
-            self.ui.statusLabel.text = f"Failed: {error}"
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=error)
 
     def updateApplyButton(self):
         if self.logic.importing:  # a click now would start a second run: wait for the import to end
-            self.ui.applyButton.text = "Importing..."
+            self.ui.applyButton.text = _("Importing...")
             self.ui.applyButton.enabled = False
         elif self.logic.running:
-            self.ui.applyButton.text = "Cancel"
-            self.ui.applyButton.toolTip = "Stop the segmentation; the scene stays as it was."
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the segmentation; the scene stays as it was.")
             self.ui.applyButton.enabled = True
         else:
-            self.ui.applyButton.text = "Segment Pancreas"
+            self.ui.applyButton.text = _("Segment Pancreas")
             ready = self._parameterNode is not None and self._parameterNode.inputVolume is not None
-            self.ui.applyButton.toolTip = "Segment the pancreas in the input CT." if ready else "Select a CT first."
+            self.ui.applyButton.toolTip = _("Segment the pancreas in the input CT.") if ready else _("Select a CT first.")
             self.ui.applyButton.enabled = ready
 
     def onNodesChanged(self, caller=None, event=None):
@@ -246,7 +257,7 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.loadSampleButton.visible = len(hidden) == len(volumes)
 
     def onLoadSampleButton(self):
-        with slicer.util.tryWithErrorDisplay("Could not load the sample CT.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not load the sample CT."), waitCursor=True):
             self._parameterNode.inputVolume = self.logic.loadSampleCT()
 
     def onSettingsCollapsed(self, collapsed):
@@ -254,14 +265,14 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if collapsed or self._gpuQuery is not None:
             return
         if importlib.util.find_spec("torch") is None:
-            self.ui.gpuLabel.text = ("GPU: not known yet; PyTorch is installed on first use (the PyTorch "
-                                     "extension picks a CUDA build when it finds an NVIDIA driver).")
+            self.ui.gpuLabel.text = _("GPU: not known yet; PyTorch is installed on first use (the PyTorch "
+                                      "extension picks a CUDA build when it finds an NVIDIA driver).")
             return
-        self.ui.gpuLabel.text = "GPU: checking..."
+        self.ui.gpuLabel.text = _("GPU: checking...")
         try:
             query = runner.GpuQuery(pythonExecutable())
         except UserError as exc:
-            self.ui.gpuLabel.text = f"GPU: not known ({exc})"
+            self.ui.gpuLabel.text = _("GPU: not known ({reason})").format(reason=exc)
             return
         self._gpuQuery = query
         self._pollGpuQuery(query)
@@ -270,7 +281,7 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not query.done:
             qt.QTimer.singleShot(POLL_INTERVAL_MS, lambda: self._pollGpuQuery(query))
             return
-        self.ui.gpuLabel.text = f"GPU: {query.answer()}"
+        self.ui.gpuLabel.text = _("GPU: {answer}").format(answer=query.answer())
 
     def onApplyButton(self):
         if self.logic.importing:
@@ -279,13 +290,13 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancel()
             return
         parameters = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("Segmentation failed."):
+        with slicer.util.tryWithErrorDisplay(_("Segmentation failed.")):
             self.logic.installDependencies(askConfirmation=True)  # its dialogs without a wait cursor
         if runner.missing_requirements() or importlib.util.find_spec("torch") is None:
             return
-        with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Starting..."
+            self.ui.statusLabel.text = _("Starting...")
             self.showResultLine("", warning=False)
             self.logic.segmentPancreas(
                 parameters.inputVolume, parameters.outputSegmentation,
@@ -308,17 +319,19 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateApplyButton()
         if isinstance(error, Cancelled):
             self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Cancelled; the scene is as it was."
+            self.ui.statusLabel.text = _("Cancelled; the scene is as it was.")
         elif error is not None:
-            self.ui.statusLabel.text = f"Failed: {error}"
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=error)
             if not isinstance(error, UserError):
                 logger.error("Segmentation failed", exc_info=error)
-            slicer.util.errorDisplay(f"Segmentation failed: {error}")
+            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error))
         elif not result.found:
-            self.ui.statusLabel.text = f"Done in {result.seconds:.0f} s on {result.device}; nothing was added."
+            self.ui.statusLabel.text = _("Done in {seconds:.0f} s on {device}; nothing was added.").format(
+                seconds=result.seconds, device=result.device)
             self.showResultLine(result.summary(), warning=True)
         else:
-            self.ui.statusLabel.text = f"Done in {result.seconds:.0f} s on {result.device}."
+            self.ui.statusLabel.text = _("Done in {seconds:.0f} s on {device}.").format(
+                seconds=result.seconds, device=result.device)
             self.showResultLine(result.summary(), warning=result.needs_checking)
             self._shownDisplay = None
             self.logic.getParameterNode().outputSegmentation = result.outputs.segmentation_node
@@ -491,7 +504,7 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
         self._timer.stop()
         self.importing = True  # the run stays current until its completion callback has run
         if run.on_progress:
-            run.on_progress(1.0, "Importing the result into the scene")
+            run.on_progress(1.0, _("Importing the result into the scene"))
         slicer.app.processEvents()
         try:
             result = self._finished(run, run.finish())
@@ -544,8 +557,8 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
                 pip_ensure(list(requirements), prompt_install=askConfirmation, requester=REQUESTER)
                 return
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                    "Segmenting the pancreas needs these Python packages, which will be installed now:\n"
-                    + "\n".join(requirements), REQUESTER):
+                    _("Segmenting the pancreas needs these Python packages, which will be installed now:")
+                    + "\n" + "\n".join(requirements), REQUESTER):
                 raise UserError(f"Python packages not installed: {', '.join(requirements)}",
                                 "the installation was declined", "click Segment Pancreas again and accept")
             slicer.util.pip_install(list(requirements))

@@ -128,8 +128,9 @@ def test_output_selector_offers_one_create_new_segmentation_entry():
 
 def test_module_title_category_and_self_test():
     text = MODULE_FILE.read_text()
-    assert 'self.parent.title = "Pancreas Attention U-Net"' in text
-    assert 'self.parent.categories = ["Segmentation"]' in text
+    assert 'self.parent.title = _("Pancreas Attention U-Net")' in text
+    # Slicer's own category name, translated in Slicer's context, so the module stays in the same menu
+    assert 'self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]' in text
     assert "Oktay" in text and "Research use only" in text
     test = class_def("AttentionUNetSegTest")
     assert [ast.unparse(b) for b in test.bases] == ["ScriptedLoadableModuleTest"]
@@ -151,6 +152,82 @@ def test_the_self_test_installs_nothing_and_asserts_no_unmeasured_volume_range()
     switches = [name for name in names if re.search(r"skip|environ|getenv", name, re.IGNORECASE)]
     assert not switches, f"the self-test must not have a switch that turns inference off: {switches}"
     assert {"assertCancelEndsTheRun", "killpg", "CANCEL_LIMIT_SECONDS"} <= names
+
+
+USER_TEXT_ATTRIBUTES = {"text", "toolTip", "title", "acknowledgementText"}
+USER_TEXT_CALLS = {"tryWithErrorDisplay", "errorDisplay", "confirmOkCancelDisplay", "on_progress"}
+
+
+def untranslated_user_texts(tree: ast.AST) -> list[str]:
+    """Literal texts the panel shows that do not go through Slicer's ``_()``, and ``_()`` of a non-literal
+    (Qt's translation tools extract only literals, so an f-string inside ``_()`` is never translated)."""
+    def is_literal(node):
+        return isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                                                   and node.value.strip())
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr in USER_TEXT_ATTRIBUTES
+                                                for t in node.targets):
+            found += [ast.unparse(part) for part in _direct_parts(node.value) if is_literal(part)]
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in USER_TEXT_CALLS:
+                found += [ast.unparse(arg) for arg in node.args if is_literal(arg)]
+            if name == "_" and not (len(node.args) == 1 and isinstance(node.args[0], ast.Constant)):
+                found.append(ast.unparse(node))
+    return found
+
+
+def _direct_parts(value: ast.AST) -> list[ast.AST]:
+    """The pieces of a shown value that are shown as they are: the value itself, both arms of ``a if c else b``,
+    both sides of ``a + b`` (not the arguments of a call such as ``_()``)."""
+    if isinstance(value, ast.IfExp):
+        return _direct_parts(value.body) + _direct_parts(value.orelse)
+    if isinstance(value, ast.BinOp):
+        return _direct_parts(value.left) + _direct_parts(value.right)
+    return [value]
+
+
+def test_every_text_the_panel_shows_goes_through_slicers_translation():
+    widget_and_logic = [class_def(name) for name in ("AttentionUNetSeg", "AttentionUNetSegWidget",
+                                                      "AttentionUNetSegLogic")]
+    help_text = next(n for n in MODULE_TREE.body if isinstance(n, ast.FunctionDef) and n.name == "helpText")
+    untranslated = [text for tree in (*widget_and_logic, help_text) for text in untranslated_user_texts(tree)]
+    assert not untranslated, f"wrap these in _(): {untranslated}"
+    returned = next(n.value for n in ast.walk(help_text) if isinstance(n, ast.Return))
+    assert all(not isinstance(part, (ast.Constant, ast.JoinedStr)) for part in _direct_parts(returned))
+
+
+def test_the_control_catches_an_untranslated_text():
+    tree = ast.parse('self.ui.statusLabel.text = f"Failed: {error}"\nself.ui.x.toolTip = _("a") if r else "b"\n'
+                     'slicer.util.errorDisplay("Oops")\nself.ui.y.text = _(f"{n} done")\nself.ui.z.text = _("ok")')
+    assert untranslated_user_texts(tree) == ["f'Failed: {error}'", "'b'", "'Oops'", "_(f'{n} done')"]
+
+
+def test_reload_forgets_the_lib_so_that_its_edits_take_effect():
+    """Slicer's Reload re-executes the module file only; a Lib module still in ``sys.modules`` would be the old one."""
+    import sys
+
+    import AttentionUNetSegLib.runner
+
+    seen_at_reload = []
+
+    class ScriptedLoadableModuleWidget:  # Slicer's: re-executes the module file, which imports the Lib again
+        @staticmethod
+        def onReload(widget):
+            seen_at_reload.extend(name for name in sys.modules if name.startswith("AttentionUNetSegLib"))
+
+    namespace = {"sys": sys, "ScriptedLoadableModuleWidget": ScriptedLoadableModuleWidget,
+                 "LIB_PACKAGE": "AttentionUNetSegLib"}
+    on_reload = module_function("onReload", namespace)
+    kept = dict(sys.modules)
+    try:
+        on_reload(object())
+    finally:
+        sys.modules.update(kept)  # the other tests keep the modules they imported
+    assert "AttentionUNetSegLib.runner" in kept and not seen_at_reload
+    assert sys.modules["AttentionUNetSegLib.runner"] is AttentionUNetSegLib.runner
 
 
 def test_only_the_module_file_touches_qt_ctk_or_the_slicer_application():
