@@ -83,7 +83,8 @@ def test_batch_segments_each_case_on_its_grid_reports_the_bad_one_and_resumes(co
     assert "patient3_ct: error: ct.nii.gz is not an image" in first.stderr and "1 failed: patient3_ct" in first.stdout
     assert (rows["ct"]["age"], rows["ct"]["site"]) == ("61", "Basel")  # carried from the CSV
     assert rows["patient1_ct"]["age"] == ""
-    assert sorted(p.name for p in out.iterdir()) == ["ct", "patient1_ct", "patient2_ct", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [command.LOCK_NAME, "ct", "patient1_ct", "patient2_ct",
+                                                     "summary.csv"]
 
     sources = {"patient1_ct": cohort / "patient1" / "ct.nii.gz", "patient2_ct": dicom_dir,
                "ct": cohort_csv.parent / "more" / "ct.nii.gz"}
@@ -120,7 +121,7 @@ def test_batch_segments_each_case_on_its_grid_reports_the_bad_one_and_resumes(co
     for case in ("patient1_ct", "ct"):
         assert {p.name for p in (out / case).iterdir()} == CASE_FILES
         assert steps.finished_report(out, inputs.Case(case, sources[case]), LAYOUT) is not None
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != command.LOCK_NAME]  # no staging
     assert [r["status"] for r in read_summary(out).values()] == ["ok", "ok", "error", "ok"]
 
 
@@ -245,5 +246,5 @@ def test_ray_batch_survives_a_killed_worker_and_writes_each_case_once(tmp_path, 
     assert set(statuses(out).values()) == {"ok"}
     for case in cases:
         assert {p.name for p in (out / case).iterdir()} == CASE_FILES
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != command.LOCK_NAME]  # no staging
 
