@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegLib.locations import REPOSITORY
@@ -16,7 +17,13 @@ from AttentionUNetSegTools.metrics import NEGATIVE_MARGIN_MM
 from AttentionUNetSegTools.synthesis.catalog import labelmap_catalog
 from AttentionUNetSegTools.training.config import DataSource, TrainingConfig
 from AttentionUNetSegTools.training.data import PancreasFreeCrops, RealCases, SyntheticCases, sample_patch, source_pairs
-from AttentionUNetSegTools.training.loop import TrainingClock, _learning_rate_factor, recalibrate_batchnorm, train
+from AttentionUNetSegTools.training.loop import (
+    TrainingClock,
+    _learning_rate_factor,
+    _update,
+    recalibrate_batchnorm,
+    train,
+)
 
 BUNDLED_CONFIG = REPOSITORY / "AttentionUNetSeg" / "Resources" / "Models" / "pancreas_attention_unet.train.yaml"
 GPU_CONFIG = REPOSITORY / "Resources" / "Training" / "gpu.train.yaml"
@@ -77,6 +84,23 @@ def test_a_short_run_trains_validates_checkpoints_and_resumes(data_dir, labelmap
     assert all(0.0 <= v <= 1.0 for v in validation.values())
     for name in ("last.safetensors", "best.safetensors", "curves.png", "config.json", "last.optimizer.pt"):
         assert (tmp_path / "run" / name).is_file()
+
+
+def test_a_non_finite_loss_leaves_the_weights_as_they_were():
+    """The guard of every training step: a NaN loss (or an inf gradient) must not turn the weights into NaN."""
+    torch.manual_seed(0)
+    network = AttentionUNet3D(NetworkConfig(feature_scale=16))
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    patch = torch.randn(1, 1, 32, 32, 32)
+    before = [p.detach().clone() for p in network.parameters()]
+
+    assert not _update(network, optimizer, scaler, network(patch).mean() * float("nan"))
+    assert all(torch.equal(b, p) for b, p in zip(before, network.parameters()))
+
+    assert _update(network, optimizer, scaler, network(patch).mean())
+    changed = [not torch.equal(b, p) for b, p in zip(before, network.parameters())]
+    assert any(changed) and all(torch.isfinite(p).all() for p in network.parameters())
 
 
 def test_decathlon_and_nih_layouts(data_dir, tmp_path):

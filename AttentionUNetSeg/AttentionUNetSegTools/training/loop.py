@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter, autocast_dtype, normalise_hu, resolve_device
+from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegLib.network import AttentionUNet3D
 from AttentionUNetSegLib.weights import LoadedModel, ModelSpec, load_model, save_model
 
@@ -24,6 +25,8 @@ from .config import TrainingConfig, resolve_path
 from .data import build_sources, sample_patch
 
 LOG_FIELDS = ["step", "loss", "learning_rate", "seconds", "validation"]
+GRADIENT_CLIP = 12.0
+MAX_SKIPPED_IN_A_ROW = 5  # then the run has diverged: stop rather than log NaN for hours
 BATCHNORM_BATCHES = 24
 NEGATIVE_HALF_SCORE_ML = 5.0  # validation score of a negative: 1 / (1 + found mL / this)
 
@@ -52,6 +55,7 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and low_precision == torch.float16)
     best = _best_dice(out)
     patch = tuple(reversed(config.patch_size))
+    skipped_in_a_row = 0
     try:
         bar = tqdm(range(step, config.steps), initial=step, total=config.steps, disable=not show_progress)
         for step in bar:
@@ -60,12 +64,15 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
             with torch.autocast(device.type, dtype=low_precision, enabled=low_precision is not None):
                 logits = network(images.to(device, memory_format=torch.channels_last_3d))
             loss = loss_function(logits.float(), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
-            scaler.step(optimizer)
-            scaler.update()
+            if _update(network, optimizer, scaler, loss):
+                skipped_in_a_row = 0
+            else:
+                skipped_in_a_row += 1
+                bar.write(f"step {step + 1}: loss {loss.item():.3g}; the loss or gradient is not finite, update skipped")
+                if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:
+                    raise UserError(f"training diverged at step {step + 1}",
+                                    f"{MAX_SKIPPED_IN_A_ROW} updates in a row had a non-finite loss or gradient",
+                                    "lower learning_rate, or resume from an earlier checkpoint")
             schedule.step()
             row = {"step": step + 1, "loss": round(loss.item(), 5),
                    "learning_rate": optimizer.param_groups[0]["lr"], "seconds": round(clock.elapsed(), 1)}
@@ -94,6 +101,20 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
             getattr(source, "close", lambda: None)()
     plot_curves(out)
     return out / "last.safetensors"
+
+
+def _update(network, optimizer, scaler, loss) -> bool:
+    """One optimiser step; none when the loss or the gradient is not finite (one inf gradient, clipped, would
+    turn every weight into NaN), and then the weights stay as they were."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    gradient_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), GRADIENT_CLIP)
+    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(gradient_norm))
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()
+    return finite
 
 
 def recalibrate_batchnorm(network, batches, low_precision=None) -> None:
