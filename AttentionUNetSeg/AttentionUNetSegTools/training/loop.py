@@ -105,12 +105,16 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
 
 def _update(network, optimizer, scaler, loss) -> bool:
     """One optimiser step; none when the loss or the gradient is not finite (one inf gradient, clipped, would
-    turn every weight into NaN), and then the weights stay as they were."""
+    turn every weight into NaN), and then the weights stay as they were.
+
+    With fp16 loss scaling an inf gradient is the scaler's business: it skips that step itself and lowers the
+    scale (several in a row while it finds the scale), so only a non-finite loss counts as a failed update.
+    """
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     gradient_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), GRADIENT_CLIP)
-    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(gradient_norm))
+    finite = bool(torch.isfinite(loss)) and (scaler.is_enabled() or bool(torch.isfinite(gradient_norm)))
     if finite:
         scaler.step(optimizer)
     scaler.update()
