@@ -72,10 +72,13 @@ def test_a_short_run_trains_validates_checkpoints_and_resumes(data_dir, labelmap
     config = tiny_config(data_dir, labelmaps_dir, tmp_path / "run", steps=2)
     first = load_model(train(config, show_progress=False))
     assert first.spec.training["steps"] == 2 and first.spec.training["real_cases"] == ["ts-abdomen-3mm", "ts-abdomen-3mm-crop"]
+    with (tmp_path / "run" / "log.csv").open("a") as log:  # as a run killed after logging step 3 leaves it
+        log.write("3,0.5,0.001,99.0,\n")
     config.steps = 4
     train(config, resume=True, show_progress=False)
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # resumed at step 3, not from scratch
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # resumed at step 3, not from scratch, step 3 once
+    assert rows[2]["seconds"] != "99.0"
     losses = [float(r["loss"]) for r in rows]
     assert all(np.isfinite(losses))
     validation = json.loads(rows[-1]["validation"])

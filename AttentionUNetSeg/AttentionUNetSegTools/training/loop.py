@@ -14,6 +14,7 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
+from AttentionUNetSegLib import imageio
 from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter, autocast_dtype, normalise_hu, resolve_device
 from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegLib.network import AttentionUNet3D
@@ -303,7 +304,21 @@ def _resume(out: Path, network, optimizer, schedule, clock: TrainingClock) -> in
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     clock.start = time.time() - float(state.get("seconds", 0.0))
+    _forget_log_after(out, int(state["step"]))
     return int(state["step"])
+
+
+def _forget_log_after(out: Path, step: int) -> None:
+    """A run stopped between checkpoints logged steps it will now do again: drop those rows, not duplicate them."""
+    path = out / "log.csv"
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+    with imageio.replacing(path) as temporary, temporary.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _best_dice(out: Path) -> float:
