@@ -21,7 +21,7 @@ def case(name: str, dice: float, confidence: float, other_doubt: bool = False) -
 def test_threshold_lies_above_every_bad_case_even_those_another_doubt_stops():
     cases = [case("good", 0.85, 0.9), case("fair", 0.6, 0.7), case("bad", 0.3, 0.75),
              case("bad but cut off", 0.2, 0.8, other_doubt=True), case("negative", math.nan, 0.6)]
-    threshold = ok_threshold(cases)
+    threshold = ok_threshold(cases, tta=False)
     assert threshold == round(0.8 + MARGIN, 2)
     result = rates(cases, threshold)
     assert result["ok_on_bad_cases"] == "0 of 3"

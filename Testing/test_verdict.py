@@ -59,6 +59,16 @@ def test_a_plausible_certain_gland_is_ok():
     assert result.qc == OK and result.reason == "" and result.confidence >= verdict.OK_CONFIDENCE
 
 
+def test_a_run_with_tta_is_judged_by_its_own_threshold():
+    """TTA's disagreement lowers every confidence, so the same confidence passes with TTA and not without."""
+    with_tta = evidence(boundary_certainty=0.9, agreement=0.85)
+    without = evidence(boundary_certainty=0.9 * 0.85)
+    assert with_tta.confidence == pytest.approx(without.confidence)
+    assert verdict.OK_CONFIDENCE_TTA <= with_tta.confidence < verdict.OK_CONFIDENCE
+    assert verdict_of(with_tta).qc == OK
+    assert verdict_of(without).qc == CHECK and "unsure" in verdict_of(without).reason
+
+
 @pytest.mark.parametrize("changes, reason", [
     ({"lung_fraction": 0.5}, "lungs"),
     ({"volume_ml": 4.0, "candidates_ml": 4.0}, "small"),

@@ -17,9 +17,11 @@ MIN_FOUND_ML = 1.0  # below this, nothing was found
 PLAUSIBLE_ML = (10.0, 250.0)  # adult pancreas volumes, atrophic to swollen
 MIN_LARGEST_SHARE = 0.8  # the kept component's share of all voxels above 0.5
 MAX_LUNG_FRACTION = 0.3  # air inside the body around the mask: lungs mean the chest, not the pancreas
-# Calibrated (`attention-unet-seg calibrate`, model card): above the most confident of the held-out cases
-# below Dice 0.5 (0.788, a random-contrast case the model missed); the good ones called ok scored 0.81-0.89
-OK_CONFIDENCE = 0.80
+# Calibrated (`attention-unet-seg calibrate`, with and without --tta; model card): just above the most
+# confident of the held-out cases below Dice 0.5 and the negatives. TTA's disagreement lowers every case's
+# confidence, so a run with --tta has its own threshold.
+OK_CONFIDENCE = 0.80  # most confident failure: 0.788 (a random-contrast case the model missed)
+OK_CONFIDENCE_TTA = 0.70  # most confident failure: 0.69 (a delayed-phase case, Dice 0.47)
 LUNG_HU = -400.0
 BONE_HU = 200.0
 # Where the pancreas lies relative to the spine's centre on the same slices, in mm on the model grid (LPS: -y
@@ -90,8 +92,15 @@ class Evidence:
         return float(np.clip(self.boundary_certainty * share * agreement, 0.0, 1.0))
 
 
-def verdict_of(evidence: Evidence, ok_confidence: float = OK_CONFIDENCE) -> Verdict:
-    """The first reason to doubt, in order of how much it says; ``ok`` only when there is none."""
+def ok_threshold_for(tta: bool) -> float:
+    return OK_CONFIDENCE_TTA if tta else OK_CONFIDENCE
+
+
+def verdict_of(evidence: Evidence, ok_confidence: float | None = None) -> Verdict:
+    """The first reason to doubt, in order of how much it says; ``ok`` only when there is none. The ok
+    threshold defaults to the calibrated one of the run's mode (with or without TTA)."""
+    if ok_confidence is None:
+        ok_confidence = ok_threshold_for(evidence.agreement is not None)
     confidence = round(evidence.confidence, 3)
     if evidence.volume_ml < MIN_FOUND_ML:
         return Verdict(NOT_FOUND, 0.0, "nothing in this scan looks like pancreas to the model")

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from AttentionUNetSegLib.cli import add_model_arguments, load_segmenter
 from AttentionUNetSegLib.outputs import check_output_folder, json_writer, write_outputs
-from AttentionUNetSegLib.verdict import OK, OK_CONFIDENCE, verdict_of
+from AttentionUNetSegLib.verdict import OK, ok_threshold_for, verdict_of
 
 from .evaluation import GOOD_DICE, calibration_cases
 from .metrics import dice
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     output_dir = check_output_folder(args.output_dir)
     segmenter = load_segmenter(args)
     cases = [measure(segmenter, *case) for case in calibration_cases(args.synthetic, args.negatives)]
-    threshold = ok_threshold(cases)
+    threshold = ok_threshold(cases, args.tta)
     summary = {"model": segmenter.model.path.name, "tta": args.tta, "cases": len(cases),
                "ok_threshold": threshold, **rates(cases, threshold)}
     write_outputs({output_dir / "calibration.json": json_writer({**summary, "cases": [asdict(c) for c in cases]}),
@@ -73,12 +73,12 @@ def measure(segmenter, name: str, image: sitk.Image, reference, source: str, pha
                            blocked)
 
 
-def ok_threshold(cases: list[CalibrationCase]) -> float:
+def ok_threshold(cases: list[CalibrationCase], tta: bool) -> float:
     """The lowest confidence at which no bad case (below Dice 0.5, or a negative) would be "ok" on confidence
     alone, even where another doubt already stops it: with a few dozen cases, the other doubts are no margin
     to count on."""
     bad = [c.confidence for c in cases if c.bad]
-    return round(max(bad) + MARGIN, 2) if bad else OK_CONFIDENCE
+    return round(max(bad) + MARGIN, 2) if bad else ok_threshold_for(tta)
 
 
 def rates(cases: list[CalibrationCase], threshold: float) -> dict:
