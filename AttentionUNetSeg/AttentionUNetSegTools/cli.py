@@ -15,6 +15,7 @@ COMMAND_MODULES = {
     "synth": "AttentionUNetSegTools.synthesis.command",
     "batch": "AttentionUNetSegTools.batch.command",
     "calibrate": "AttentionUNetSegTools.calibration",
+    "ablate": "AttentionUNetSegTools.training.ablation",
 }
 
 
