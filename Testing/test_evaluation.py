@@ -2,6 +2,7 @@
 phase with the verdict, and the cases offered for calibrating the verdict."""
 
 import csv
+import hashlib
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from AttentionUNetSegLib.imageio import read_image
 from AttentionUNetSegTools.evaluation import (
     calibration_cases,
     evaluate,
+    evaluation_cases,
     negative_crops,
     real_negative_cases,
     reference_on_grid,
@@ -85,6 +87,21 @@ def test_evaluation_scores_positives_and_negatives_with_the_verdict(tiny_model, 
     summary = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert {(r["source"], r["view"]) for r in summary} == {("real", "abdomen"), ("real", "below-pancreas")}
     assert (tmp_path / "evaluation.png").stat().st_size > 10_000
+
+
+def test_the_verdict_is_calibrated_on_other_synthetic_scans_than_evaluate_scores(labelmaps_dir, tmp_path):
+    """Otherwise evaluate's "never ok on a failure" would be measured on the cases the threshold was set on."""
+    def fingerprints(cases):
+        return {hashlib.sha1(sitk.GetArrayViewFromImage(image).tobytes()).hexdigest()
+                for _, image, _, _, _ in cases}
+
+    def evaluated():
+        for case in evaluation_cases(3, 2, labelmaps_dir=labelmaps_dir, real=False):
+            image, reference = case.load()
+            yield case.name, image, reference, case.source, case.phase
+
+    calibrated = fingerprints(calibration_cases(3, 2, data_dir=tmp_path / "none", labelmaps_dir=labelmaps_dir))
+    assert len(calibrated) == 5 and not calibrated & fingerprints(evaluated())
 
 
 def test_calibration_cases_cover_every_phase_negatives_and_real_ct(data_dir, labelmaps_dir):

@@ -27,6 +27,7 @@ REAL_CASE_PHASES = {"ts-abdomen-3mm": "non-contrast", "ts-abdomen-3mm-crop": "no
                     "ts-venous-dicom": "portal-venous"}
 SAME_PATIENT = {"ts-abdomen-3mm-crop": "ts-abdomen-3mm"}
 GOOD_DICE = 0.5  # the verdict's bar: "ok" must never be said below it
+EVALUATION_SEED, CALIBRATION_SEED = 1234, 4321  # of the synthetic scans each scores (negatives: seed + 1)
 
 
 @dataclass
@@ -151,12 +152,14 @@ def synthetic_cases(entries, count: int, spacing_mm, seed: int, views=("abdomen"
 
 
 def calibration_cases(synthetic: int = 15, negatives: int = 6, data_dir: Path | None = None,
-                      labelmaps_dir: Path | None = None, spacing_mm=(3.0, 3.0, 3.0), seed: int = 1234
+                      labelmaps_dir: Path | None = None, spacing_mm=(3.0, 3.0, 3.0), seed: int = CALIBRATION_SEED
                       ) -> Iterator[tuple[str, sitk.Image, np.ndarray | None, str, str]]:
     """(name, image, reference mask or None for a negative, source, phase) for calibrating the verdict.
 
     Held-out synthetic patients of every phase (``synthetic`` cases, phases in turn), synthetic negatives
-    above and below the gland, the shared real cases and their negative crops. Loaded one at a time.
+    above and below the gland, the shared real cases and their negative crops. Loaded one at a time. Their
+    own seed makes other synthetic scans than ``evaluate`` scores, so that the verdict's numbers there are
+    not measured on the cases its threshold was set on (the patients are the same held-out ones).
     """
     for case in evaluation_cases(synthetic, negatives, data_dir, labelmaps_dir, spacing_mm, seed):
         image, reference = case.load()
@@ -164,7 +167,7 @@ def calibration_cases(synthetic: int = 15, negatives: int = 6, data_dir: Path | 
 
 
 def evaluation_cases(synthetic: int, negatives: int, data_dir: Path | None = None, labelmaps_dir: Path | None = None,
-                     spacing_mm=(3.0, 3.0, 3.0), seed: int = 1234, real: bool = True) -> list[Case]:
+                     spacing_mm=(3.0, 3.0, 3.0), seed: int = EVALUATION_SEED, real: bool = True) -> list[Case]:
     """Real cases and their negative crops (with ``real``, when the data folder exists), then held-out
     synthetic cases."""
     from AttentionUNetSegLib.locations import shared_data_dir
