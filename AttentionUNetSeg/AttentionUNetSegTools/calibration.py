@@ -3,7 +3,8 @@
 Segments the calibration cases of ``evaluation.calibration_cases`` (held-out synthetic patients of every
 phase with manual labels, synthetic and real negatives, the real cases with silver labels), then picks the
 lowest confidence at which no case below Dice 0.5 and no negative would be called "ok" on its confidence,
-and reports how many good cases are flagged at that threshold. With ``--tta`` the two-pass agreement is part of it.
+raises it to the strictest that calls no fewer good cases ok, and reports how many good cases are flagged at
+that threshold. With ``--tta`` the two-pass agreement is part of it.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class CalibrationCase:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--synthetic", type=int, default=16, help="held-out synthetic patients (default: 16)")
-    parser.add_argument("--negatives", type=int, default=6, help="synthetic scans without a pancreas (default: 6)")
+    # a few dozen scans: the threshold rests on the most confident failure among them, so more is safer
+    parser.add_argument("--synthetic", type=int, default=40, help="held-out synthetic scans (default: 40)")
+    parser.add_argument("--negatives", type=int, default=10, help="synthetic scans without a pancreas (default: 10)")
     parser.add_argument("--tta", action="store_true", help="calibrate the verdict of runs with --tta")
     parser.add_argument("--output-dir", type=Path, default=Path("calibration"), help="where to write the tables")
     add_model_arguments(parser, progress=False)
@@ -74,11 +76,19 @@ def measure(segmenter, name: str, image: sitk.Image, reference, source: str, pha
 
 
 def ok_threshold(cases: list[CalibrationCase], tta: bool) -> float:
-    """The lowest confidence at which no bad case (below Dice 0.5, or a negative) would be "ok" on confidence
-    alone, even where another doubt already stops it: with a few dozen cases, the other doubts are no margin
-    to count on."""
+    """The strictest confidence threshold that calls ok every good case the lowest safe one calls ok.
+
+    The lowest safe threshold lies just above the most confident bad case (below Dice 0.5, or a negative),
+    counted even where another doubt already stops it: with a few dozen cases the other doubts are no
+    margin to count on. Raising it up to the least confident good case it calls ok costs nothing on these
+    cases and leaves room for the failures they do not hold.
+    """
     bad = [c.confidence for c in cases if c.bad]
-    return round(max(bad) + MARGIN, 2) if bad else ok_threshold_for(tta)
+    if not bad:
+        return ok_threshold_for(tta)
+    safe = round(max(bad) + MARGIN, 2)
+    passed = [c.confidence for c in cases if not c.bad and not c.doubts_besides_confidence and c.confidence >= safe]
+    return max(safe, math.floor(min(passed) * 100) / 100) if passed else safe
 
 
 def rates(cases: list[CalibrationCase], threshold: float) -> dict:
