@@ -3,9 +3,10 @@
 # model, then score the result. Run it again to continue where it stopped (checkpoints in $RUN).
 #   Resources/Training/train_on_gpu.sh [STEPS] [MINUTES]
 # Needs: this repository installed (pip install -e .), ../shared/labelmaps and ../shared/data beside it (or
-# ATTENTION_UNET_SEG_SHARED), a CUDA build of torch. Writes $RUN/best.safetensors, curves.png, log.csv and
-# $RUN/evaluation/ (tables). Nothing is copied into the repository: commit the weights by hand if
-# validation improved over the bundled model.
+# ATTENTION_UNET_SEG_SHARED), a CUDA build of torch. Writes $RUN/best.safetensors, curves.png, log.csv,
+# $RUN/calibration*/ (the verdict's thresholds, without and with TTA) and $RUN/evaluation/ (tables). Nothing
+# is copied into the repository: commit the weights by hand if they beat the bundled model on the
+# evaluation, with the thresholds calibrated for them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN=${RUN:-$HOME/.cache/attention-unet-seg/runs/gpu}
@@ -17,5 +18,8 @@ sed "s/^time_limit_minutes: .*/time_limit_minutes: $MINUTES/" Resources/Training
 RESUME=()
 [ -f "$RUN/last.optimizer.pt" ] && RESUME=(--resume)
 attention-unet-seg train "$RUN/gpu.train.yaml" --steps "$STEPS" --output-dir "$RUN" "${RESUME[@]}"
+for TTA in "" --tta; do  # the verdict's thresholds for these weights (OK_CONFIDENCE[_TTA] in verdict.py)
+  attention-unet-seg calibrate --weights "$RUN/best.safetensors" $TTA --device cuda --output-dir "$RUN/calibration$TTA"
+done
 attention-unet-seg evaluate --weights "$RUN/best.safetensors" --synthetic 25 --negatives 10 --device cuda \
   --output-dir "$RUN/evaluation"
