@@ -40,13 +40,17 @@ def test_a_misspelt_setting_is_refused_before_any_training(tmp_path):
 
 
 def test_a_row_agrees_with_the_evaluation_summary():
-    """The row of the bundled model's evaluation gives the per-phase means its summary.csv gives."""
-    row = dict(zip(["arm", "non-contrast", "arterial", "portal-venous", "delayed", "random contrast"],
-                   arm_row("bundled", BUNDLED_EVALUATION)))
-    summary = csv.DictReader((BUNDLED_EVALUATION.parent / "summary.csv").open())
+    """The row of the bundled model's evaluation gives the per-phase means and the case counts its
+    summary.csv gives (the table's own mean row is no case)."""
+    cells = arm_row("bundled", BUNDLED_EVALUATION)
+    by_phase = dict(zip(["non-contrast", "arterial", "portal-venous", "delayed", "random contrast"], cells[1:6]))
+    summary = list(csv.DictReader((BUNDLED_EVALUATION.parent / "summary.csv").open()))
     for phase_row in summary:
         if phase_row["source"] == "synthetic" and phase_row["view"] == "abdomen":
-            assert float(row[phase_row["phase"]]) == pytest.approx(float(phase_row["mean_dice"]), abs=0.006)
+            assert float(by_phase[phase_row["phase"]]) == pytest.approx(float(phase_row["mean_dice"]), abs=0.006)
+    negatives = sum(int(r["cases"]) for r in summary if r["view"] != "abdomen")
+    failures = sum(r["view"] == "abdomen" and float(r["dice"]) < 0.5 for r in csv.DictReader(BUNDLED_EVALUATION.open()))
+    assert cells[-1] == f"0 of {negatives + failures}"
 
 
 def test_two_tiny_arms_train_score_and_are_not_redone(data_dir, labelmaps_dir, tmp_path):
@@ -73,3 +77,17 @@ def test_two_tiny_arms_train_score_and_are_not_redone(data_dir, labelmaps_dir, t
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, env=env)
     assert again.returncode == 0, again.stderr
     assert weights.stat().st_mtime_ns == written and again.stdout == done.stdout  # nothing trained or scored again
+    scored = tmp_path / "runs" / "plain" / "evaluation" / "evaluation.csv"
+    before = scored.stat().st_mtime_ns
+    fewer = subprocess.run([*command[:-1], "0"], capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert fewer.returncode == 0, fewer.stderr  # other case counts: scored again, not trained again
+    assert scored.stat().st_mtime_ns > before and weights.stat().st_mtime_ns == written
+    assert [r["view"] for r in csv.DictReader(scored.open()) if r["source"].startswith("synthetic")] == ["abdomen"]
+
+    spec.write_text(yaml.safe_dump({"base": str(tmp_path / "base.yaml"), "common": {"threads": 1},
+                                    "arms": {"plain": {"negative_fraction": 0.2}}}))
+    changed = subprocess.run(command[:5] + command[6:], capture_output=True, text=True, timeout=600, check=False,
+                             env=env)
+    assert changed.returncode == 2 and changed.stderr.startswith("error: arm plain") and len(
+        changed.stderr.strip().splitlines()) == 1
+    assert weights.stat().st_mtime_ns == written

@@ -27,6 +27,8 @@ DEFAULT_SPEC = REPOSITORY / "Resources" / "Training" / "ablation.yaml"
 BUNDLED = "bundled"  # the arm name that scores the bundled model as it is
 PHASES = ("non-contrast", "arterial", "portal-venous", "delayed", "random contrast")
 TRAINED_MARKER = "trained"
+SCORED_MARKER = "scored"  # holds what the arm was scored with: weights, their time, case counts
+ARM_CONFIG = "arm.train.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,16 +44,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.parallel < 1:
+        raise UserError(f"--parallel {args.parallel} runs nothing", "", "give 1 or more")
     configs = arm_configs(args.spec)
     names = args.arms or [BUNDLED, *configs]
     unknown = sorted(set(names) - set(configs) - {BUNDLED})
     if unknown:
         raise UserError(f"unknown arms {unknown}", f"{args.spec} has {sorted(configs)}", f"or '{BUNDLED}'")
     trained = [name for name in names if name in configs]
+    for name in trained:
+        refuse_changed_arm(name, configs[name], args.run_dir)
     run_all([train_command(name, configs[name], args.run_dir) for name in trained if not is_trained(args.run_dir / name)],
             args.parallel)
-    run_all([evaluate_command(name, args.run_dir, args.synthetic, args.negatives) for name in names
-             if not (args.run_dir / name / "evaluation" / "evaluation.csv").is_file()], args.parallel)
+    scorings = [evaluate_command(name, args.run_dir, args.synthetic, args.negatives) for name in names]
+    run_all([(command, log) for command, log, key in scorings if _read(log.parent / SCORED_MARKER) != key],
+            args.parallel)
     text = table(names, args.run_dir)
     (args.run_dir / "ablation.md").write_text(text)
     print(text)
@@ -63,11 +70,23 @@ def arm_configs(spec_path: Path) -> dict[str, dict]:
     if not spec_path.is_file():
         raise UserError(f"ablation spec {spec_path} not found", "", f"see {DEFAULT_SPEC} for the layout")
     spec = yaml.safe_load(spec_path.read_text())
-    base = yaml.safe_load(resolve_path(spec["base"]).read_text())
+    if not isinstance(spec, dict) or not isinstance(spec.get("arms"), dict) or "base" not in spec:
+        raise UserError(f"ablation spec {spec_path} lacks 'base' or 'arms'", "", f"see {DEFAULT_SPEC} for the layout")
+    base_path = resolve_path(spec["base"])
+    TrainingConfig.load(base_path)  # one line if it is missing or not a config
+    base = yaml.safe_load(base_path.read_text())
     configs = {name: {**base, **spec.get("common", {}), **(changes or {})} for name, changes in spec["arms"].items()}
     for config in configs.values():
         TrainingConfig.from_dict(config)  # refuse a misspelt setting before hours of training
     return configs
+
+
+def refuse_changed_arm(name: str, config: dict, run_dir: Path) -> None:
+    """An arm trained (or begun) with other settings would be scored as if it had these."""
+    saved = run_dir / name / ARM_CONFIG
+    if saved.is_file() and yaml.safe_load(saved.read_text()) != config:
+        raise UserError(f"arm {name} in {run_dir} was trained with other settings than the spec has now",
+                        "its results would not be this arm's", f"remove {run_dir / name} or choose another --run-dir")
 
 
 def is_trained(arm_dir: Path) -> bool:
@@ -77,20 +96,32 @@ def is_trained(arm_dir: Path) -> bool:
 def train_command(name: str, config: dict, run_dir: Path) -> tuple[list[str], Path]:
     arm_dir = run_dir / name
     arm_dir.mkdir(parents=True, exist_ok=True)
-    (arm_dir / "arm.train.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (arm_dir / ARM_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     resume = ["--resume"] if (arm_dir / "last.optimizer.pt").is_file() else []
-    command = [*tool(), "train", str(arm_dir / "arm.train.yaml"), "--output-dir", str(arm_dir), *resume]
+    command = [*tool(), "train", str(arm_dir / ARM_CONFIG), "--output-dir", str(arm_dir), *resume]
     # the marker says the arm finished, so that a rerun goes straight to scoring it
-    return ["sh", "-c", '"$@" && touch "$0"', str(arm_dir / TRAINED_MARKER), *command], arm_dir / "train.log"
+    return then_mark(command, arm_dir / TRAINED_MARKER, "done"), arm_dir / "train.log"
 
 
-def evaluate_command(name: str, run_dir: Path, synthetic: int, negatives: int) -> tuple[list[str], Path]:
+def evaluate_command(name: str, run_dir: Path, synthetic: int, negatives: int) -> tuple[list[str], Path, str]:
+    """The command, its log and the key it is scored with: a new key (other weights, a newer file, other
+    counts) scores the arm again."""
     arm_dir = run_dir / name
     arm_dir.mkdir(parents=True, exist_ok=True)
     weights = bundled_model_path() if name == BUNDLED else arm_dir / "last.safetensors"
+    key = f"{weights} {weights.stat().st_mtime_ns} {synthetic} {negatives}"
     command = [*tool(), "evaluate", "--weights", str(weights), "--synthetic", str(synthetic),
                "--negatives", str(negatives), "--output-dir", str(arm_dir / "evaluation")]
-    return command, arm_dir / "evaluate.log"
+    return then_mark(command, arm_dir / SCORED_MARKER, key), arm_dir / "evaluate.log", key
+
+
+def then_mark(command: list[str], marker: Path, text: str) -> list[str]:
+    """``command``, then ``text`` written to ``marker`` if it succeeded (a stopped run leaves no marker)."""
+    return ["sh", "-c", 'm=$0; t=$1; shift; "$@" && printf %s "$t" > "$m"', str(marker), text, *command]
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
 def tool() -> list[str]:
@@ -121,7 +152,7 @@ def table(names: list[str], run_dir: Path) -> str:
 
 
 def arm_row(name: str, evaluation_csv: Path) -> list[str]:
-    rows = list(csv.DictReader(evaluation_csv.open()))
+    rows = [r for r in csv.DictReader(evaluation_csv.open()) if r["view"]]  # not the table's mean row
     with_pancreas = [r for r in rows if r["view"] == "abdomen"]
     synthetic = [r for r in with_pancreas if r["source"] != "real"]
     negatives = [r for r in rows if r["view"] != "abdomen"]
