@@ -89,6 +89,26 @@ def test_a_short_run_trains_validates_checkpoints_and_resumes(data_dir, labelmap
         assert (tmp_path / "run" / name).is_file()
 
 
+def test_a_weight_average_is_what_is_saved_and_it_carries_over_a_resume(data_dir, labelmaps_dir, tmp_path):
+    config = tiny_config(data_dir, labelmaps_dir, tmp_path / "run", steps=2)
+    config.weight_average_decay, config.keep_checkpoints = 0.9, True
+    train(config, show_progress=False)
+    average_before = parameters(tmp_path / "run" / "last.average.safetensors")
+    assert any(not torch.equal(average_before[k], v) for k, v in parameters(tmp_path / "run" / "last.safetensors").items())
+    config.steps = 3
+    train(config, resume=True, show_progress=False)
+    latest, average = (parameters(tmp_path / "run" / f) for f in ("last.safetensors", "last.average.safetensors"))
+    for name, value in average.items():  # one more update blended into the resumed average, not a fresh start
+        torch.testing.assert_close(value, 0.9 * average_before[name] + 0.1 * latest[name])
+    shipped = parameters(tmp_path / "run" / "step-3.safetensors")
+    assert all(torch.equal(shipped[k], v) for k, v in average.items())
+
+
+def parameters(path) -> dict[str, torch.Tensor]:
+    network = load_model(path).network
+    return {name: value.detach() for name, value in network.named_parameters()}
+
+
 def test_a_non_finite_loss_leaves_the_weights_as_they_were():
     """The guard of every training step: a NaN loss (or an inf gradient) must not turn the weights into NaN."""
     torch.manual_seed(0)

@@ -63,6 +63,9 @@ class TrainingConfig:
     validation_negatives: int = 0  # held-out synthetic cases with no pancreas in view, validated
     time_limit_minutes: float = 0.0  # stop (validated and checkpointed) after this much training time; 0 = none
     keep_checkpoints: bool = False  # also keep every checkpoint as step-N.safetensors
+    # > 0: validate and save an exponential moving average of the weights (this decay a step) instead of the
+    # latest ones, whose scores swing from checkpoint to checkpoint; 0.998 averages over about 500 steps.
+    weight_average_decay: float = 0.0
     validation_fraction: float = VALIDATION_FRACTION  # of label-map patients, held out by patient
     sources: list[DataSource] = field(default_factory=list)
     validation_pairs: list[list[str]] = field(default_factory=list)  # real CT for validation Dice

@@ -48,7 +48,9 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
     clock = TrainingClock(config.time_limit_minutes * 60)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _learning_rate_factor(config, step, clock.fraction()))
-    step = _resume(out, network, optimizer, schedule, clock) if resume else 0
+    average = _weight_average(network, config.weight_average_decay)
+    step = _resume(out, network, optimizer, schedule, clock, average) if resume else 0
+    kept = average.module if average else network  # the weights validated and saved
     sources, probabilities = build_sources(config, train_entries)
     validation = _validation_cases(config, validation_entries)
     loss_function = _loss(config.batch_dice)
@@ -67,6 +69,8 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
             loss = loss_function(logits.float(), labels.to(device))
             if _update(network, optimizer, scaler, loss):
                 skipped_in_a_row = 0
+                if average:
+                    average.update_parameters(network)
             else:
                 skipped_in_a_row += 1
                 bar.write(f"step {step + 1}: loss {loss.item():.3g}; the loss or gradient is not finite, update skipped")
@@ -82,16 +86,16 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
             if done % config.checkpoint_every == 0 or done % config.validate_every == 0 or last:
                 batches = [_batch(sources, probabilities, patch, rng, config)[0].to(
                     device, memory_format=torch.channels_last_3d) for _ in range(BATCHNORM_BATCHES)]
-                recalibrate_batchnorm(network, batches, low_precision)
+                recalibrate_batchnorm(kept, batches, low_precision)
             if done % config.validate_every == 0 or last:
-                scores = _validate(network, config, validation)
+                scores = _validate(kept, config, validation)
                 row["validation"] = json.dumps(scores)
                 if scores["mean"] > best:
                     best = scores["mean"]
-                    save_model(network, _spec(config, done, scores), out / "best.safetensors")
+                    save_model(kept, _spec(config, done, scores), out / "best.safetensors")
                 bar.write(f"step {done}: loss {loss.item():.3f}, validation Dice {scores}")
             if done % config.checkpoint_every == 0 or last:
-                _checkpoint(out, network, optimizer, schedule, config, done, clock)
+                _checkpoint(out, network, optimizer, schedule, config, done, clock, average)
             _log(out, row)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if clock.expired():
@@ -162,6 +166,16 @@ def _initial_network(config: TrainingConfig) -> AttentionUNet3D:
             raise ValueError("init_weights were trained with another network configuration")
         return loaded.network
     return AttentionUNet3D(config.network)
+
+
+def _weight_average(network, decay: float):
+    """An exponential moving average of the parameters (batch-norm statistics are recalibrated for it before
+    every validation and save), or None."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
 
 
 def _optimizer(config: TrainingConfig, network) -> torch.optim.Optimizer:
@@ -286,20 +300,29 @@ def _spec(config: TrainingConfig, steps: int, scores: dict) -> ModelSpec:
     )
 
 
-def _checkpoint(out: Path, network, optimizer, schedule, config: TrainingConfig, step: int, clock) -> None:
+def _checkpoint(out: Path, network, optimizer, schedule, config: TrainingConfig, step: int, clock,
+                average=None) -> None:
+    """``last`` holds the latest weights (a resume goes on from them), ``last.average`` their average when one
+    is kept; ``step-N`` what the run would ship: the average if there is one."""
     save_model(network, _spec(config, step, {}), out / "last.safetensors")
+    if average:
+        save_model(average.module, _spec(config, step, {}), out / "last.average.safetensors")
     if config.keep_checkpoints:
-        save_model(network, _spec(config, step, {}), out / f"step-{step}.safetensors")
+        save_model(average.module if average else network, _spec(config, step, {}), out / f"step-{step}.safetensors")
     # Optimizer state is plain tensors and numbers: torch.load(weights_only=True) reads it without pickle code.
     torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
                 "seconds": clock.elapsed()}, out / "last.optimizer.pt")
 
 
-def _resume(out: Path, network, optimizer, schedule, clock: TrainingClock) -> int:
+def _resume(out: Path, network, optimizer, schedule, clock: TrainingClock, average=None) -> int:
     weights, state_file = out / "last.safetensors", out / "last.optimizer.pt"
     if not weights.is_file() or not state_file.is_file():
         return 0
     network.load_state_dict(load_model(weights).network.state_dict())
+    averaged = out / "last.average.safetensors"
+    if average and averaged.is_file():
+        average.module.load_state_dict(load_model(averaged).network.state_dict())
+        average.n_averaged.fill_(1)  # an average under way: the next update blends into it, not replaces it
     state = torch.load(state_file, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
