@@ -151,7 +151,7 @@ def synthetic_cases(entries, count: int, spacing_mm, seed: int, views=("abdomen"
     return cases
 
 
-def calibration_cases(synthetic: int = 15, negatives: int = 6, data_dir: Path | None = None,
+def calibration_cases(synthetic: int, negatives: int, data_dir: Path | None = None,
                       labelmaps_dir: Path | None = None, spacing_mm=(3.0, 3.0, 3.0), seed: int = CALIBRATION_SEED
                       ) -> Iterator[tuple[str, sitk.Image, np.ndarray | None, str, str]]:
     """(name, image, reference mask or None for a negative, source, phase) for calibrating the verdict.
