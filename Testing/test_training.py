@@ -92,7 +92,7 @@ def test_a_short_run_trains_validates_checkpoints_and_resumes(data_dir, labelmap
 def test_a_weight_average_is_what_is_saved_and_it_carries_over_a_resume(data_dir, labelmaps_dir, tmp_path):
     config = tiny_config(data_dir, labelmaps_dir, tmp_path / "run", steps=2)
     config.weight_average_decay, config.keep_checkpoints = 0.9, True
-    train(config, show_progress=False)
+    assert train(config, show_progress=False) == tmp_path / "run" / "last.average.safetensors"  # what it ends with
     average_before = parameters(tmp_path / "run" / "last.average.safetensors")
     assert any(not torch.equal(average_before[k], v) for k, v in parameters(tmp_path / "run" / "last.safetensors").items())
     config.steps = 3

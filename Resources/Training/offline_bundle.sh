@@ -17,29 +17,34 @@ version() { .venv/bin/python -c "import importlib.metadata as m; print(m.version
 
 pack() {
   local shared=${ATTENTION_UNET_SEG_SHARED:-../shared}
+  [ -d "$shared/labelmaps" ] && [ -d "$shared/data" ] || {
+    echo "error: no labelmaps/ and data/ under $shared; set ATTENTION_UNET_SEG_SHARED to the shared data folder" >&2; exit 2; }
+  [ -x .venv/bin/python ] || { echo "error: no .venv here; run 'bash .ci/setup' first (the bundle takes its package versions)" >&2; exit 2; }
   work=$(mktemp -d)  # global: the EXIT trap runs after this function has returned
   trap 'rm -rf "$work"' EXIT
-  mkdir -p "$BUNDLE" "$work/site" "$work/labelmaps"
+  mkdir -p "$work/site" "$work/labelmaps" "$work/bundle"
   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$work/wheels" "simpleitk==$(version simpleitk)" "monai==$(version monai)"
   for wheel in "$work"/wheels/*.whl; do unzip -q -o "$wheel" -d "$work/site"; done
-  tar -cJf "$BUNDLE/site.tar.xz" -C "$work/site" .
+  tar -cJf "$work/bundle/site.tar.xz" -C "$work/site" .
   cp -r "$shared/labelmaps/." "$work/labelmaps"
   gunzip -r "$work/labelmaps"  # xz over the raw voxels compresses far better than over gzip's output
-  XZ_OPT=-T0 tar -cJf "$BUNDLE/labelmaps.tar.xz" -C "$work/labelmaps" .
-  tar -cJf "$BUNDLE/data.tar.xz" -C "$shared/data" ts-abdomen-3mm ts-venous-dicom
+  XZ_OPT=-T0 tar -cJf "$work/bundle/labelmaps.tar.xz" -C "$work/labelmaps" .
+  tar -cJf "$work/bundle/data.tar.xz" -C "$shared/data" ts-abdomen-3mm ts-venous-dicom
+  rm -rf "$BUNDLE" && mv "$work/bundle" "$BUNDLE"  # whole or not at all: a failed pack leaves the old bundle
   du -sh "$BUNDLE"
 }
 
 unpack() {
   [ -f "$BUNDLE/site.tar.xz" ] || { echo "error: no $BUNDLE/ here; run 'offline_bundle.sh pack' where ../shared is" >&2; exit 2; }
   mkdir -p "$UNPACKED/site" "$UNPACKED/shared/labelmaps" "$UNPACKED/shared/data"
-  tar -xJf "$BUNDLE/site.tar.xz" -C "$UNPACKED/site" &
-  tar -xJf "$BUNDLE/data.tar.xz" -C "$UNPACKED/shared/data" &
+  tar -xJf "$BUNDLE/site.tar.xz" -C "$UNPACKED/site" & local site=$!
+  tar -xJf "$BUNDLE/data.tar.xz" -C "$UNPACKED/shared/data" & local data=$!
   tar -xJf "$BUNDLE/labelmaps.tar.xz" -C "$UNPACKED/shared/labelmaps"
-  find "$UNPACKED/shared/labelmaps" -name '*.nii' -print0 | xargs -0 -P "$(nproc)" -n 4 gzip -1  # the catalog reads .nii.gz
-  wait
+  # The catalog reads .nii.gz; -f: unpacking again replaces what an earlier unpack left.
+  find "$UNPACKED/shared/labelmaps" -name '*.nii' -print0 | xargs -0 -P "$(nproc)" -n 4 gzip -1 -f
+  wait "$site" && wait "$data"  # a bare 'wait' would report success whatever the two tars did
   echo "export PYTHONPATH=$UNPACKED/site:$PWD/AttentionUNetSeg\${PYTHONPATH:+:\$PYTHONPATH} ATTENTION_UNET_SEG_SHARED=$UNPACKED/shared"
 }
 

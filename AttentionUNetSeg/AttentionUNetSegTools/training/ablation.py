@@ -22,6 +22,7 @@ from AttentionUNetSegLib.locations import REPOSITORY
 from AttentionUNetSegLib.weights import bundled_model_path
 
 from .config import TrainingConfig, resolve_path
+from .loop import final_weights
 
 DEFAULT_SPEC = REPOSITORY / "Resources" / "Training" / "ablation.yaml"
 BUNDLED = "bundled"  # the arm name that scores the bundled model as it is
@@ -108,7 +109,7 @@ def evaluate_command(name: str, run_dir: Path, synthetic: int, negatives: int) -
     counts) scores the arm again."""
     arm_dir = run_dir / name
     arm_dir.mkdir(parents=True, exist_ok=True)
-    weights = bundled_model_path() if name == BUNDLED else arm_dir / "last.safetensors"
+    weights = bundled_model_path() if name == BUNDLED else final_weights(arm_dir)
     key = f"{weights} {weights.stat().st_mtime_ns} {synthetic} {negatives}"
     command = [*tool(), "evaluate", "--weights", str(weights), "--synthetic", str(synthetic),
                "--negatives", str(negatives), "--output-dir", str(arm_dir / "evaluation")]

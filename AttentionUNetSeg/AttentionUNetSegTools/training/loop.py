@@ -33,7 +33,8 @@ NEGATIVE_HALF_SCORE_ML = 5.0  # validation score of a negative: 1 / (1 + found m
 
 
 def train(config: TrainingConfig, resume: bool = False, show_progress: bool = True) -> Path:
-    """Train as configured; returns the path of the final model file (also kept as ``best`` by Dice)."""
+    """Train as configured; returns the path of the final model file (:func:`final_weights`; the best by
+    validation is kept as ``best``)."""
     out = resolve_path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -105,7 +106,13 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
         for source in sources:
             getattr(source, "close", lambda: None)()
     plot_curves(out)
-    return out / "last.safetensors"
+    return final_weights(out)
+
+
+def final_weights(out: Path) -> Path:
+    """The weights a run ends with: their average where the run keeps one, else the latest."""
+    averaged = out / "last.average.safetensors"
+    return averaged if averaged.is_file() else out / "last.safetensors"
 
 
 def _update(network, optimizer, scaler, loss) -> bool:
