@@ -20,6 +20,7 @@ from AttentionUNetSegTools.training.data import PancreasFreeCrops, RealCases, Sy
 from AttentionUNetSegTools.training.loop import (
     TrainingClock,
     _learning_rate_factor,
+    _loss,
     _update,
     recalibrate_batchnorm,
     train,
@@ -111,6 +112,20 @@ def test_a_weight_average_is_what_is_saved_and_it_carries_over_a_resume(data_dir
 def parameters(path) -> dict[str, torch.Tensor]:
     network = load_model(path).network
     return {name: value.detach() for name, value in network.named_parameters()}
+
+
+def test_without_the_background_dice_the_pancreas_error_weighs_twice():
+    """The background's Dice is about 1 on any CT patch, so with it the Dice term is half the pancreas's error."""
+    labels = torch.zeros(1, 1, 16, 16, 16)
+    labels[..., 4:12, 4:12, 4:8] = 1  # the gland; the prediction finds half of it
+    logits = torch.full((1, 2, 16, 16, 16), -20.0)
+    logits[:, 0] = 20.0
+    logits[:, 1, 4:12, 4:12, 4:6], logits[:, 0, 4:12, 4:12, 4:6] = 20.0, -20.0
+    cross_entropy = torch.nn.functional.cross_entropy(logits, labels[:, 0].long())
+    with_background = _loss(batch_dice=True)(logits, labels) - cross_entropy
+    pancreas_only = _loss(batch_dice=True, dice_background=False)(logits, labels) - cross_entropy
+    assert pancreas_only.item() == pytest.approx(1 - 2 / 3, abs=1e-3)  # Dice of half the gland: 2/3
+    assert 0.45 < with_background.item() / pancreas_only.item() < 0.55
 
 
 def test_a_non_finite_loss_leaves_the_weights_as_they_were():

@@ -58,6 +58,9 @@ class TrainingConfig:
     negative_fraction: float = 0.0  # synthetic cases with no pancreas in view (above or below the gland)
     random_contrast_fraction: float = 0.1  # synthetic cases with every tissue's mean HU random (SynthSeg)
     batch_dice: bool = False  # Dice over the whole batch, so that a patch without pancreas has a defined loss
+    # The background's Dice (about 1 everywhere) in the Dice term halves the pancreas's weight against the
+    # cross-entropy; nnU-Net leaves it out. The bundled recipe keeps it (its weights were trained so).
+    dice_background: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     validation_synthetic: int = 4  # held-out synthetic cases validated, the phases in turn
     validation_negatives: int = 0  # held-out synthetic cases with no pancreas in view, validated

@@ -54,7 +54,7 @@ def train(config: TrainingConfig, resume: bool = False, show_progress: bool = Tr
     kept = average.module if average else network  # the weights validated and saved
     sources, probabilities = build_sources(config, train_entries)
     validation = _validation_cases(config, validation_entries)
-    loss_function = _loss(config.batch_dice)
+    loss_function = _loss(config.batch_dice, config.dice_background)
     low_precision = autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and low_precision == torch.float16)
     best = _best_dice(out)
@@ -218,11 +218,11 @@ def _learning_rate_factor(config: TrainingConfig, step: int, time_fraction: floa
     return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _loss(batch_dice: bool = False):
+def _loss(batch_dice: bool = False, dice_background: bool = True):
     from monai.losses import DiceCELoss
 
     return DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=False, smooth_nr=1e-5, smooth_dr=1e-5,
-                      batch=batch_dice)
+                      batch=batch_dice, include_background=dice_background)
 
 
 def _augmentations():
