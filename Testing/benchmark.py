@@ -61,12 +61,12 @@ def benchmark_model(folder: Path, weights: str | None) -> Path:
     return path
 
 
-def end_to_end(ct: Path, model: Path, threads: int, device: str, folder: Path, tta: bool = False) -> dict:
+def end_to_end(ct: Path, model: Path, threads: int, device: str, folder: Path, tta: bool = True) -> dict:
     """The CLI in a fresh process, as a user runs it: read, segment, write segmentation, heatmap and report."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "AttentionUNetSegLib.cli", "segment", str(ct), "-o", str(folder / "seg.seg.nrrd"),
                "--attention", str(folder / "attention.nrrd"), "--report", str(folder / "report.json"),
-               "--weights", str(model), "--device", device, "--progress", "none", *(["--tta"] if tta else [])]
+               "--weights", str(model), "--device", device, "--progress", "none", *([] if tta else ["--no-tta"])]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO / "AttentionUNetSeg")
@@ -268,7 +268,7 @@ def main() -> None:
             "threads": args.threads,
             "device": args.device,
             "end_to_end_cli": end_to_end(ct, model, args.threads, args.device, folder),
-            "end_to_end_cli_tta": end_to_end(ct, model, args.threads, args.device, folder, tta=True),
+            "end_to_end_cli_no_tta": end_to_end(ct, model, args.threads, args.device, folder, tta=False),
             "panel_path": panel_path(ct, model, args.threads, args.device, folder),
             "stages_in_process_s": in_process_stages(ct, model, args.threads, args.device),
             f"network_throughput_{args.tile}^3": throughput(args.threads, args.tile, args.tiles, args.device),

@@ -72,6 +72,24 @@ def test_cli_writes_what_the_engine_computes(small_run, small_ct, tiny_model):
     assert reported_volume_ml(result.stdout) == pytest.approx(expected.volume_ml, abs=0.05)
 
 
+def test_no_tta_runs_the_single_pass_the_engine_runs_without_it(small_ct, tmp_path):
+    """With the bundled model (the untrained test model marks the whole body either way): one pass and two
+    differ at the gland's border, and --no-tta writes the one pass."""
+    from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter
+    from AttentionUNetSegLib.weights import bundled_model_path
+
+    if not bundled_model_path().is_file():
+        pytest.skip("no bundled model in this copy")
+    result = run_cli("segment", small_ct, "-o", tmp_path / "p.nii.gz", "--no-tta", "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    ct = read_image(small_ct)
+    expected = Segmenter(None, SegmentationOptions(tta=False)).segment(ct)
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "p.nii.gz")))
+    assert np.array_equal(written, sitk.GetArrayViewFromImage(expected.mask))
+    assert not np.array_equal(written, sitk.GetArrayViewFromImage(Segmenter().segment(ct).mask))
+    assert reported_volume_ml(result.stdout) == pytest.approx(expected.volume_ml, abs=0.05)
+
+
 def test_summary_volume_matches_the_written_label_map(small_run):
     out, result = small_run
     label = sitk.ReadImage(str(out / "pancreas.nii.gz"))

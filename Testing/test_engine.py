@@ -85,10 +85,12 @@ def test_combined_is_the_mean_of_the_levels(segmenter, ct):
     assert np.abs(maps["combined"] - levels).max() <= 2  # 8-bit rounding of four resampled maps
 
 
-def test_test_time_augmentation_agrees_and_keeps_the_grid(tiny_model, ct):
-    result = Segmenter(tiny_model, SegmentationOptions(device="cpu", tta=True)).segment(ct)
+def test_test_time_augmentation_is_the_default_and_informs_the_verdict(tiny_model, ct):
+    """Every front end gets the two-pass verdict unless it asks for one pass (--no-tta)."""
+    result = Segmenter(tiny_model, SegmentationOptions(device="cpu")).segment(ct)
     assert same_grid(result.mask, ct) and same_grid(result.attention_maps["combined"], ct)
-    assert 0.0 <= result.verdict.confidence <= 1.0
+    assert 0.0 <= result.evidence.agreement <= 1.0 and 0.0 <= result.verdict.confidence <= 1.0
+    assert Segmenter(tiny_model, SegmentationOptions(device="cpu", tta=False)).segment(ct).evidence.agreement is None
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])

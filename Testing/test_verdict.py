@@ -49,20 +49,20 @@ def test_a_scan_without_the_pancreas_gets_no_ok(bundled, abdomen_ct, data_dir):
 
 
 def evidence(**changes) -> Evidence:
-    values = dict(volume_ml=60.0, candidates_ml=62.0, mean_probability=0.95, boundary_certainty=0.9, agreement=None,
+    values = dict(volume_ml=60.0, candidates_ml=62.0, mean_probability=0.95, boundary_certainty=0.9, agreement=0.95,
                   touches_edge=False, lung_fraction=0.05, spine_offset_mm=(70.0, 20.0))
     return Evidence(**{**values, **changes})
 
 
 def test_a_plausible_certain_gland_is_ok():
     result = verdict_of(evidence())
-    assert result.qc == OK and result.reason == "" and result.confidence >= verdict.OK_CONFIDENCE
+    assert result.qc == OK and result.reason == "" and result.confidence >= verdict.OK_CONFIDENCE_TTA
 
 
 def test_a_run_with_tta_is_judged_by_its_own_threshold():
     """TTA's disagreement lowers every confidence, so the same confidence passes with TTA and not without."""
-    with_tta = evidence(boundary_certainty=0.9, agreement=0.85)
-    without = evidence(boundary_certainty=0.9 * 0.85)
+    with_tta = evidence(boundary_certainty=0.95, agreement=0.85)
+    without = evidence(boundary_certainty=0.95 * 0.85, agreement=None)
     assert with_tta.confidence == pytest.approx(without.confidence)
     assert verdict.OK_CONFIDENCE_TTA <= with_tta.confidence < verdict.OK_CONFIDENCE
     assert verdict_of(with_tta).qc == OK
@@ -71,7 +71,7 @@ def test_a_run_with_tta_is_judged_by_its_own_threshold():
 
 @pytest.mark.parametrize("changes, reason", [
     ({"lung_fraction": 0.5}, "lungs"),
-    ({"volume_ml": 4.0, "candidates_ml": 4.0}, "small"),
+    ({"volume_ml": 20.0, "candidates_ml": 20.0}, "small"),  # smaller than any of 158 manually labelled glands
     ({"volume_ml": 400.0, "candidates_ml": 400.0}, "large"),
     ({"touches_edge": True}, "edge of the scan"),
     ({"candidates_ml": 120.0}, "several separate candidates"),

@@ -109,9 +109,6 @@ def _add_segment(commands, extras: tuple[str, ...] = ()) -> None:
     parser.add_argument("--report", type=Path, metavar="FILE.json",
                         help="write the volume, the verdict (ok / check / not found, reason, confidence), "
                         "the time, the device and the model as JSON")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: a second, shifted pass (about twice the inference time); "
-                        "averaged in, and the passes' agreement informs the verdict")
     add_model_arguments(parser)
     modules = [importlib.import_module(name) for name in extras]
     for module in modules:
@@ -124,6 +121,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, progress: bool = True) 
     parser.add_argument("--weights", type=Path, help="model file (.safetensors); default: the bundled model")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--fast", action="store_true", help="less tile overlap: faster, slightly less accurate")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                        help="test-time augmentation (default): a second, shifted pass, averaged in, whose agreement "
+                        "with the first informs the verdict; --no-tta halves the inference time, and the verdict "
+                        "then says ok far less often")
     if progress:
         parser.add_argument("--progress", choices=PROGRESS_MODES, default="bar",
                             help="bar on stderr, 'PROGRESS <fraction> <text>' lines on stdout, or none")
@@ -226,7 +227,7 @@ def load_segmenter(args: argparse.Namespace):
     from .engine import SegmentationOptions, Segmenter
 
     options = SegmentationOptions(device=args.device, quality="fast" if args.fast else "full",
-                                  tta=getattr(args, "tta", False))
+                                  tta=args.tta)
     return Segmenter(args.weights, options)
 
 

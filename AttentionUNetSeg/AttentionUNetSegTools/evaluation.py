@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from AttentionUNetSegLib.cli import add_model_arguments, load_segmenter
+
 from .metrics import NEGATIVE_MARGIN_MM, NEGATIVE_MIN_MM, dice, pancreas_free_rows, surface_scores
 
 # Phases of the shared cases (their README) and the trained-on case each repeats.
@@ -343,15 +345,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", choices=("silver", "manual"), default="manual",
                         help="who made the --pairs labels (reported in the table; default: manual)")
     parser.add_argument("--output-dir", default="output/evaluation", help="where the tables and montage go")
-    parser.add_argument("--weights", help="model file (default: the bundled model)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_model_arguments(parser, progress=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter
     from AttentionUNetSegLib.errors import UserError
 
-    segmenter = Segmenter(args.weights, SegmentationOptions(device=args.device))
+    segmenter = load_segmenter(args)
     spacing = segmenter.model.spec.spacing_mm
     if args.pairs:
         cases = [file_case(_case_name(Path(i)), Path(i), Path(lbl), args.labels) for i, lbl in args.pairs]

@@ -23,7 +23,7 @@ RESUME=()
 [ -f "$RUN/last.optimizer.pt" ] && RESUME=(--resume)
 "${SEG[@]}" train "$RUN/gpu.train.yaml" --steps "$STEPS" --output-dir "$RUN" "${RESUME[@]}"
 [ "${SCORE:-1}" = 0 ] && exit 0
-for TTA in "" --tta; do  # the verdict's thresholds for these weights (OK_CONFIDENCE[_TTA] in verdict.py)
+for TTA in --no-tta --tta; do  # the verdict's thresholds for these weights (OK_CONFIDENCE[_TTA] in verdict.py)
   "${SEG[@]}" calibrate --weights "$RUN/best.safetensors" $TTA --device cuda --output-dir "$RUN/calibration$TTA"
 done
 "${SEG[@]}" evaluate --weights "$RUN/best.safetensors" --synthetic 25 --negatives 10 --device cuda \

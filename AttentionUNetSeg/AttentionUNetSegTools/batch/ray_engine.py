@@ -28,13 +28,14 @@ class CaseWorker:
     """One Ray actor: a loaded model that reads, segments and writes one case per call."""
 
     def __init__(self, out_dir: str, layout: steps.Layout, weights: str | None, device: str, quality: str,
-                 threads: int | None):
+                 tta: bool, threads: int | None):
         from AttentionUNetSegLib import outputs
         from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter
 
         self.out_dir, self.layout, self.failure = Path(out_dir), layout, ""
         try:
-            self.segmenter = Segmenter(weights, SegmentationOptions(device=device, quality=quality, threads=threads))
+            options = SegmentationOptions(device=device, quality=quality, tta=tta, threads=threads)
+            self.segmenter = Segmenter(weights, options)
             self.model_name = outputs.model_name(self.segmenter.model)
         except Exception as exc:  # noqa: BLE001 - handed to the driver by describe(), which stops the batch
             self.failure = steps.one_line(exc)
@@ -126,7 +127,7 @@ class _Dispatcher:
         threads = None if use_gpu else cpus
         self.log(f"ray: {workers} worker(s), each {'1 GPU' if use_gpu else f'{cpus} CPU(s)'}, "
                  f"on {len(nodes)} node(s)")
-        return actor_class, (str(self.out_dir), self.layout, weights, device, quality, threads), workers
+        return actor_class, (str(self.out_dir), self.layout, weights, device, quality, args.tta, threads), workers
 
     def _start_actor(self) -> None:
         actor = self.actor_class.remote(*self.actor_args)
