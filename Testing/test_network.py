@@ -79,3 +79,14 @@ def test_config_round_trip_and_validation():
         NetworkConfig(norm="group")
     with pytest.raises(ValueError):
         NetworkConfig.from_dict({"width": 3})
+    with pytest.raises(ValueError):
+        NetworkConfig(deep_width=0)
+
+
+def test_deep_width_widens_only_the_coarse_levels_and_older_model_files_read_as_width_one():
+    wide = NetworkConfig(feature_scale=8, deep_width=2)
+    assert wide.filters == [8, 16, 64, 128, 256]
+    assert count_parameters(AttentionUNet3D(wide)) == 6_298_984  # 3.9x the 1.62 M of width 1
+    settings = wide.to_dict()
+    del settings["deep_width"]  # as in the metadata of model files written before the setting existed
+    assert NetworkConfig.from_dict(settings).filters == [8, 16, 32, 64, 128]

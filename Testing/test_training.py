@@ -12,11 +12,12 @@ import torch
 from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegLib.locations import REPOSITORY
 from AttentionUNetSegLib.network import AttentionUNet3D, NetworkConfig
-from AttentionUNetSegLib.weights import load_model
+from AttentionUNetSegLib.weights import ModelSpec, bundled_model_path, load_model, save_model
 from AttentionUNetSegTools.metrics import NEGATIVE_MARGIN_MM
 from AttentionUNetSegTools.synthesis.catalog import labelmap_catalog
 from AttentionUNetSegTools.training.config import DataSource, TrainingConfig
 from AttentionUNetSegTools.training.data import PancreasFreeCrops, RealCases, SyntheticCases, sample_patch, source_pairs
+from AttentionUNetSegTools.training.widen import widen
 from AttentionUNetSegTools.training.loop import (
     TrainingClock,
     _learning_rate_factor,
@@ -107,6 +108,41 @@ def test_a_weight_average_is_what_is_saved_and_it_carries_over_a_resume(data_dir
     assert any(not torch.equal(v, latest[k]) for k, v in average.items())
     shipped = parameters(tmp_path / "run" / "step-3.safetensors")
     assert all(torch.equal(shipped[k], v) for k, v in average.items())
+
+
+def test_a_wider_network_starts_with_the_narrow_ones_outputs(abdomen_ct):
+    """Widening must not cost what the narrow weights learnt: the same logits and attention on real CT."""
+    bundled = load_model(bundled_model_path())
+    wide = widen(bundled.network, NetworkConfig(**{**bundled.spec.network.to_dict(), "deep_width": 2}))
+    assert wide.config.filters == [8, 16, 64, 128, 256]
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(abdomen_ct)))[40:104, 20:84, 20:84]  # z, y, x around the gland
+    x = torch.from_numpy((np.clip(ct, -250, 350) + 250) / 600).float()[None, None]
+    for mode in ("eval", "train"):  # running statistics, then the batch's own
+        with torch.no_grad():
+            narrow_logits, narrow_alphas = getattr(bundled.network, mode)()(x, return_attention=True)
+            wide_logits, wide_alphas = getattr(wide, mode)()(x, return_attention=True)
+        # Equal up to float summation order (wider convolutions may pick other kernels).
+        torch.testing.assert_close(wide_logits, narrow_logits, atol=1e-4, rtol=1e-5)
+        for level, alpha in narrow_alphas.items():
+            torch.testing.assert_close(wide_alphas[level], alpha, atol=1e-5, rtol=1e-5)
+    assert (narrow_logits.argmax(1) == 1).any()  # a patch where the network sees pancreas
+
+
+def test_training_widens_its_initial_weights_and_the_new_channels_learn(data_dir, labelmaps_dir, tmp_path):
+    narrow_spec = ModelSpec(network=NetworkConfig(feature_scale=16), spacing_mm=(4.0, 4.0, 4.0))
+    torch.manual_seed(0)
+    save_model(AttentionUNet3D(narrow_spec.network), narrow_spec, tmp_path / "narrow.safetensors")
+    config = tiny_config(data_dir, labelmaps_dir, tmp_path / "run", steps=2)
+    config.network = NetworkConfig(feature_scale=16, deep_width=2)
+    config.init_weights = str(tmp_path / "narrow.safetensors")
+    trained = load_model(train(config, show_progress=False)).network.state_dict()
+    # decoders[2] reads level 3's skip (16 old channels, then 16 new ones) and level 4: the old outputs'
+    # weights on the new channels started at zero and have moved.
+    reading_new = trained["decoders.2.conv.0.0.weight"][:16, 16:32]
+    assert reading_new.abs().max() > 0
+    config.network, config.output_dir = NetworkConfig(feature_scale=32), str(tmp_path / "narrower")
+    with pytest.raises(ValueError, match="not a narrower one"):
+        train(config, show_progress=False)
 
 
 def parameters(path) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from ..evaluation import file_case, synthetic_cases
 from ..metrics import dice
 from .config import TrainingConfig, resolve_path
 from .data import build_sources, sample_patch
+from .widen import can_widen, widen
 
 LOG_FIELDS = ["step", "loss", "learning_rate", "seconds", "validation"]
 GRADIENT_CLIP = 12.0
@@ -169,9 +170,11 @@ def _label_map_split(config: TrainingConfig):
 def _initial_network(config: TrainingConfig) -> AttentionUNet3D:
     if config.init_weights:
         loaded = load_model(resolve_path(config.init_weights))
-        if loaded.spec.network != config.network:
-            raise ValueError("init_weights were trained with another network configuration")
-        return loaded.network
+        if loaded.spec.network == config.network:
+            return loaded.network
+        if can_widen(loaded.spec.network, config.network):
+            return widen(loaded.network, config.network, config.seed)
+        raise ValueError("init_weights were trained with another network configuration, not a narrower one")
     return AttentionUNet3D(config.network)
 
 
