@@ -213,7 +213,8 @@ def describe_model(path: Path) -> str:
     lines = [
         f"Model: {path}",
         f"  version {spec.version}; labels {', '.join(spec.label_names)}",
-        f"  network: feature scale {net.feature_scale}, deep width {net.deep_width} (filters {filters}), {net.norm} norm, "
+        f"  network: feature scale {net.feature_scale}, deep width {net.deep_width} (filters {filters}), "
+        + f"{net.norm} norm, "
         + f"{net.gates_per_level} gate(s) per level, deep supervision {supervision}",
         f"  input: {spacing} mm voxels, HU {spec.hu_range[0]:g}..{spec.hu_range[1]:g}, tiles {tiles}",
     ]
