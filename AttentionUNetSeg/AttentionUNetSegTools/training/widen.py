@@ -1,8 +1,9 @@
 """Warm-start a wider network from a narrower one's weights, computing the same function.
 
 The new channels get a fresh initialisation and every old channel reads them with a zero weight, so the
-wider network starts where the narrow one was (its outputs equal up to float summation order) and training grows the new
-channels from there (the zero weights get gradients at once; the new channels once those are non-zero).
+wider network starts where the narrow one was (outputs equal up to float summation order) and training
+grows the new channels from there (the zero weights get gradients at once; the new channels once those
+are non-zero).
 Net2Net (Chen et al., ICLR 2016) widens by copying channels instead; zero-reading needs no symmetry breaking.
 """
 
