@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from AttentionUNetSegLib.engine import normalise_hu
 from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegLib.locations import REPOSITORY
 from AttentionUNetSegLib.network import AttentionUNet3D, NetworkConfig
@@ -116,7 +117,7 @@ def test_a_wider_network_starts_with_the_narrow_ones_outputs(abdomen_ct):
     wide = widen(bundled.network, NetworkConfig(**{**bundled.spec.network.to_dict(), "deep_width": 2}))
     assert wide.config.filters == [8, 16, 64, 128, 256]
     ct = sitk.GetArrayFromImage(sitk.ReadImage(str(abdomen_ct)))[40:104, 20:84, 20:84]  # z, y, x around the gland
-    x = torch.from_numpy((np.clip(ct, -250, 350) + 250) / 600).float()[None, None]
+    x = torch.from_numpy(normalise_hu(ct, bundled.spec.hu_range))[None, None]
     for mode in ("eval", "train"):  # running statistics, then the batch's own
         with torch.no_grad():
             narrow_logits, narrow_alphas = getattr(bundled.network, mode)()(x, return_attention=True)
@@ -141,8 +142,9 @@ def test_training_widens_its_initial_weights_and_the_new_channels_learn(data_dir
     reading_new = trained["decoders.2.conv.0.0.weight"][:16, 16:32]
     assert reading_new.abs().max() > 0
     config.network, config.output_dir = NetworkConfig(feature_scale=32), str(tmp_path / "narrower")
-    with pytest.raises(ValueError, match="not a narrower one"):
+    with pytest.raises(UserError, match="not a narrower one"):
         train(config, show_progress=False)
+    assert not (tmp_path / "narrower").exists()  # refused before anything was written
 
 
 def parameters(path) -> dict[str, torch.Tensor]:

@@ -36,16 +36,16 @@ NEGATIVE_HALF_SCORE_ML = 5.0  # validation score of a negative: 1 / (1 + found m
 def train(config: TrainingConfig, resume: bool = False, show_progress: bool = True) -> Path:
     """Train as configured; returns the path of the final model file (:func:`final_weights`; the best by
     validation is kept as ``best``)."""
-    out = resolve_path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     device = resolve_device(config.device)
+    network = _initial_network(config).to(device).to(memory_format=torch.channels_last_3d)  # refused: no output
+    out = resolve_path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     train_entries, validation_entries = _label_map_split(config)
-    network = _initial_network(config).to(device).to(memory_format=torch.channels_last_3d)
     optimizer = _optimizer(config, network)
     clock = TrainingClock(config.time_limit_minutes * 60)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -173,8 +173,10 @@ def _initial_network(config: TrainingConfig) -> AttentionUNet3D:
         if loaded.spec.network == config.network:
             return loaded.network
         if can_widen(loaded.spec.network, config.network):
-            return widen(loaded.network, config.network, config.seed)
-        raise ValueError("init_weights were trained with another network configuration, not a narrower one")
+            return widen(loaded.network, config.network)
+        raise UserError(f"init_weights {config.init_weights} do not fit the configured network",
+                        "they were trained with another network configuration, not a narrower one",
+                        "set 'network' to theirs (or wider), or start without init_weights")
     return AttentionUNet3D(config.network)
 
 

@@ -27,10 +27,9 @@ def can_widen(narrow: NetworkConfig, wide: NetworkConfig) -> bool:
     return same_otherwise and all(n <= w for n, w in zip(narrow.filters, wide.filters))
 
 
-def widen(narrow: AttentionUNet3D, config: NetworkConfig, seed: int = 0) -> AttentionUNet3D:
+def widen(narrow: AttentionUNet3D, config: NetworkConfig) -> AttentionUNet3D:
     if not can_widen(narrow.config, config):
         raise ValueError(f"cannot widen {narrow.config} to {config}")
-    torch.manual_seed(seed)
     wide = AttentionUNet3D(config)
     old_state = narrow.state_dict()
     new_state = wide.state_dict()
