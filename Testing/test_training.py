@@ -18,6 +18,7 @@ from AttentionUNetSegTools.metrics import NEGATIVE_MARGIN_MM
 from AttentionUNetSegTools.synthesis.catalog import labelmap_catalog
 from AttentionUNetSegTools.training.config import DataSource, TrainingConfig
 from AttentionUNetSegTools.training.data import PancreasFreeCrops, RealCases, SyntheticCases, sample_patch, source_pairs
+from AttentionUNetSegTools.training import loop
 from AttentionUNetSegTools.training.widen import widen
 from AttentionUNetSegTools.training.loop import (
     TrainingClock,
@@ -92,7 +93,12 @@ def test_a_short_run_trains_validates_checkpoints_and_resumes(data_dir, labelmap
         assert (tmp_path / "run" / name).is_file()
 
 
-def test_a_weight_average_is_what_is_saved_and_it_carries_over_a_resume(data_dir, labelmaps_dir, tmp_path):
+def test_a_weight_average_is_what_is_saved_and_it_carries_over_a_resume(data_dir, labelmaps_dir, tmp_path,
+                                                                         monkeypatch):
+    # In fp32: under bf16 autocast (CPUs with AVX-512 BF16) the tiny network's 2^3-voxel bottleneck now and then
+    # gets a non-finite weight gradient (2 of 1,000 batches here; that batch again: 0 of 100), and one skipped
+    # update of the two would leave the average equal to the latest weights.
+    monkeypatch.setattr(loop, "autocast_dtype", lambda device: None)
     config = tiny_config(data_dir, labelmaps_dir, tmp_path / "run", steps=2)
     config.weight_average_decay, config.keep_checkpoints = 0.9, True
     assert train(config, show_progress=False) == tmp_path / "run" / "last.average.safetensors"  # what it ends with
