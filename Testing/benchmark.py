@@ -12,6 +12,7 @@ so the work matches a clinical scan of that size. Prints numbers; asserts nothin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -160,6 +161,8 @@ def panel_path(ct: Path, model: Path, threads: int, device: str, folder: Path, m
     """The Slicer panel's path outside Slicer, in a fresh process: a volume node in a real slicer-core scene ->
     the child process -> the segmentation and the map shown (combined, as the panel asks by default) in the
     scene. Seconds from Apply to the result in the scene; peak RSS of that parent process and of its child."""
+    if importlib.util.find_spec("slicer") is None:  # a lent GPU machine has torch, not slicer-core
+        return {"skipped": "slicer-core is not installed in this Python (pip install slicer-core)"}
     work = folder / "panel"
     work.mkdir()
     code = PANEL_PARENT.format(lib=str(REPO / "AttentionUNetSeg"), ct=str(ct), device=device, model=str(model),
