@@ -96,7 +96,7 @@ def test_a_short_run_trains_validates_checkpoints_and_resumes(data_dir, labelmap
 def test_a_weight_average_is_what_is_saved_and_it_carries_over_a_resume(data_dir, labelmaps_dir, tmp_path,
                                                                          monkeypatch):
     # In fp32: under bf16 autocast (CPUs with AVX-512 BF16) the tiny network's 2^3-voxel bottleneck now and then
-    # gets a non-finite weight gradient (2 of 1,000 batches here; that batch again: 0 of 100), and one skipped
+    # gets a non-finite weight gradient (2 of 200 batches here; one such batch again: 0 of 100), and one skipped
     # update of the two would leave the average equal to the latest weights.
     monkeypatch.setattr(loop, "autocast_dtype", lambda device: None)
     config = tiny_config(data_dir, labelmaps_dir, tmp_path / "run", steps=2)
