@@ -11,6 +11,7 @@ from conftest import ijk_to_ras, new_scene, read_with_slicer, same_grid
 from vtkmodules.util import numpy_support
 from vtkmodules.util.misc import calldata_type
 from vtkmodules.util.vtkConstants import VTK_OBJECT
+from vtkmodules.vtkCommonCore import reference
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from vtkmodules.vtkImagingCore import vtkExtractVOI
@@ -93,6 +94,23 @@ def oriented_labelmap(mask: sitk.Image):
     node.GetIJKToRASMatrix(matrix)
     labelmap.SetImageToWorldMatrix(matrix)
     return labelmap
+
+
+def terminology(segment) -> str:
+    """A segment's terminology as Slicer 5.8 can read it (``GetTerminology()`` came in 5.10)."""
+    value = reference("")
+    assert segment.GetTag(segment.GetTerminologyEntryTagName(), value), "the segment has no terminology"
+    return value.get()
+
+
+class Slicer58Segment(slicer.vtkSegment):
+    """vtkSegment as Slicer 5.8 has it (v5.8.1 Libs/vtkSegmentationCore/vtkSegment.h): the terminology
+    convenience methods came in 5.10 (commit 49a251067d); slicer-core, built from 5.11, has them."""
+
+    def __getattribute__(self, name):
+        if name in ("GetTerminology", "SetTerminology", "HasTerminology"):
+            raise AttributeError(f"'vtkSegment' object has no attribute '{name}'")
+        return super().__getattribute__(name)
 
 
 def scene_state(scene) -> list[tuple[str, int]]:
@@ -275,9 +293,8 @@ def test_segmentation_holds_one_pancreas_segment_with_standard_terminology(label
     segment = segmentation.GetNthSegment(0)
     assert segment.GetName() == "Pancreas"
     assert np.allclose(np.array(segment.GetColor()) * 255, (249, 180, 111))
-    terminology = segment.GetTerminology()
-    assert terminology == PANCREAS_SEGMENT["terminology"]
-    context, category, kind, *_ = terminology.split("~")
+    assert terminology(segment) == PANCREAS_SEGMENT["terminology"]
+    context, category, kind, *_ = terminology(segment).split("~")
     assert (category, kind) == ("SCT^123037004^Anatomical Structure", "SCT^15776009^Pancreas")
     assert context.startswith("Segmentation category and type")
     assert node.GetDisplayNode() is not None
@@ -336,6 +353,24 @@ def test_user_chosen_segmentation_keeps_its_other_segments(small_ct, pancreas_la
     )
     assert surface is not None and surface.GetNumberOfPoints() > 100
     assert len(nodes_of_class(scene, "vtkMRMLSegmentationNode")) == 1
+
+
+def test_a_rerun_into_a_pancreas_segment_needs_only_slicer_5_8s_segment_api(small_ct, pancreas_label,
+                                                                            monkeypatch):
+    monkeypatch.setattr(slicer, "vtkSegment", Slicer58Segment)
+    scene = new_scene()
+    ct_node = read_with_slicer(scene, small_ct)
+    first = mrml_bridge.import_result(scene, ct_node, pancreas_label, {}, closed_surface=False)
+    segment = first.segmentation_node.GetSegmentation().GetSegment("Pancreas")
+    with pytest.raises(AttributeError):
+        segment.GetTerminology()  # the stand-in is in use
+    segment.SetTag(segment.GetTerminologyEntryTagName(), "edited by the user")
+
+    again = mrml_bridge.import_result(scene, ct_node, pancreas_label, {}, closed_surface=False)
+
+    assert again.segmentation_node is first.segmentation_node
+    assert again.segmentation_node.GetSegmentation().GetNumberOfSegments() == 1
+    assert terminology(segment) == PANCREAS_SEGMENT["terminology"]
 
 
 # --- attention nodes -----------------------------------------------------------------------------------
@@ -564,6 +599,48 @@ def test_read_volume_file_places_voxels_as_itk_wrote_them(tmp_path, ct):
     assert np.allclose(mrml_bridge._matrix_to_numpy(volume.ijk_to_ras), ijk_to_ras(node), atol=1e-4)
     assert volume.image_data.GetSpacing() == (1.0, 1.0, 1.0) and volume.image_data.GetOrigin() == (0.0, 0.0, 0.0)
     assert np.array_equal(voxels(volume.image_data), sitk.GetArrayViewFromImage(image))
+
+
+READ_WITH_THE_BRIDGE = """
+import sys, numpy, slicer
+from vtkmodules.util import numpy_support
+if sys.argv[2] == "application":  # its ``slicer`` holds only the kits (Base/Python/CMakeLists.txt): there the
+    # Teem, ITK and RemoteIO classes are top-level modules, so take slicer-core's flattened copies away
+    for name in [name for name in vars(slicer) if name.startswith(("vtkTeem", "vtkITK", "vtkRemoteIO"))]:
+        delattr(slicer, name)
+from AttentionUNetSegLib import mrml_bridge
+volume = mrml_bridge.read_volume_file(sys.argv[1])
+print("vtkTeem" in sys.modules, numpy.count_nonzero(numpy_support.vtk_to_numpy(
+    volume.image_data.GetPointData().GetScalars())))
+"""
+
+
+@pytest.mark.parametrize("namespace", ["application", "slicer-core"])
+def test_read_volume_file_finds_the_nrrd_reader_in_either_slicer(tmp_path, pancreas_label, namespace):
+    """N1: Slicer has ``vtkTeem.vtkTeemNRRDReader`` and no ``slicer.vtkTeemNRRDReader``; slicer-core (web app)
+    has only the latter. Each in a fresh process, whatever namespace this one was given."""
+    import os
+    import subprocess
+    import sys
+
+    from AttentionUNetSegLib import protocol
+
+    path = tmp_path / "pancreas.nrrd"
+    sitk.WriteImage(sitk.Cast(pancreas_label, sitk.sitkUInt8), str(path), False)
+    env = protocol.child_environment()
+    if namespace == "application":  # Base/Python/vtkTeem.py: ``from vtkTeemPython import *``
+        modules = tmp_path / "slicer_python"
+        modules.mkdir()
+        (modules / "vtkTeem.py").write_text("from slicer_core.vtkTeem import *\n")
+        env["PYTHONPATH"] = os.pathsep.join((str(modules), env["PYTHONPATH"]))
+
+    done = subprocess.run([sys.executable, "-c", READ_WITH_THE_BRIDGE, str(path), namespace], capture_output=True,
+                          text=True, env=env, check=False)
+
+    assert done.returncode == 0, done.stderr
+    used_vtkteem, count = done.stdout.split()
+    assert used_vtkteem == str(namespace == "application")
+    assert int(count) == np.count_nonzero(sitk.GetArrayViewFromImage(pancreas_label)) > 100
 
 
 def test_an_unreadable_file_is_a_user_error(tmp_path):

@@ -1,4 +1,4 @@
-"""The runtime's command line: ``segment`` and ``info`` (what the Slicer panel's child process runs).
+"""The runtime's command line: ``segment`` and ``info`` (the Slicer panel's child runs ``protocol`` instead).
 
 The ``attention-unet-seg`` console script (``AttentionUNetSegTools.cli``) adds the tools' subcommands.
 
@@ -284,7 +284,7 @@ def _one_line_warnings() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (how the Slicer panel stops its child process) cleans up like Ctrl-C."""
+    """SIGTERM (``kill``, a job scheduler or a container stopping the command) cleans up like Ctrl-C."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

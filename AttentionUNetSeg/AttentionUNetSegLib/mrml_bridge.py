@@ -26,9 +26,17 @@ from vtkmodules.util import numpy_support
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
-from .errors import UserError
+from .errors import Cancelled, UserError
 from .protocol import Geometry
 from .segment_description import PANCREAS_SEGMENT
+
+# Slicer keeps its Teem classes out of the ``slicer`` namespace: they are the top-level module ``vtkTeem``
+# (Base/Python/vtkTeem.py), imported as Slicer's own modules do (Modules/Scripted/DataProbe/DataProbe.py:4,
+# v5.12.0; the same in 5.8 and 5.10). Only slicer-core (tests, web app) flattens them into ``slicer``.
+try:
+    from vtkTeem import vtkTeemNRRDReader
+except ImportError:
+    from slicer import vtkTeemNRRDReader
 
 if TYPE_CHECKING:  # the engine imports torch; converting volumes does not need it
     import SimpleITK as sitk
@@ -117,7 +125,7 @@ def image_to_volume_node(image: sitk.Image, scene, name: str, node=None) -> slic
 
 def read_volume_file(path) -> VtkVolume:
     """An NRRD file read with Slicer's own reader, as a volume node would hold it (no SimpleITK, no copy)."""
-    reader = slicer.vtkTeemNRRDReader()
+    reader = vtkTeemNRRDReader()
     reader.SetFileName(str(path))
     reader.Update()
     if reader.GetReadStatus():
@@ -161,11 +169,13 @@ def import_volumes(
     run made for this input, or of a new one); each attention map a volume "<input> attention <map>".
     Nodes of a previous run on the same input are updated, not duplicated. Everything is built before the
     scene changes. ``closed_surface`` also builds the 3D surface (marching cubes: seconds on a large CT).
-    The attention maps are not shown; call :func:`show_attention` for that.
+    The attention maps are not shown; call :func:`show_attention` for that. Raises ``Cancelled`` when the
+    input is no longer in the scene (the scene was closed while the result waited to be imported).
     """
-    for node, what in ((input_volume_node, "input_volume_node"), (segmentation_node, "segmentation_node")):
-        if node is not None and scene.GetNodeByID(node.GetID() or "") is not node:
-            raise ValueError(f"{what} must be a node of the scene")
+    if not _in_scene(scene, input_volume_node):  # the panel runs Slicer's events (Close Scene too) before this
+        raise Cancelled("the scene was closed during the import")
+    if segmentation_node is not None and not _in_scene(scene, segmentation_node):
+        raise ValueError("segmentation_node must be a node of the scene")
     _ensure_surface_conversion()
     input_name = input_volume_node.GetName() or "Volume"
     previous = _previous_outputs(scene, input_volume_node)
@@ -312,6 +322,10 @@ def _fill_volume_node(node, volume: VtkVolume) -> None:
 # --- outputs -------------------------------------------------------------------------------------------
 
 
+def _in_scene(scene, node) -> bool:
+    return scene.GetNodeByID(node.GetID() or "") is node
+
+
 def _nodes_of_class(scene, class_name: str) -> list:
     return [scene.GetNthNodeByClass(i, class_name) for i in range(scene.GetNumberOfNodesByClass(class_name))]
 
@@ -407,7 +421,9 @@ def _replace_pancreas(node, segment) -> None:
         slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
             labelmap, node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
         )
-        segmentation.GetSegment(segment_id).SetTag(segment.GetTerminologyEntryTagName(), segment.GetTerminology())
+        # The known constant, not segment.GetTerminology(): that arrived in Slicer 5.10, and 5.8 is supported.
+        segmentation.GetSegment(segment_id).SetTag(segment.GetTerminologyEntryTagName(),
+                                                   PANCREAS_SEGMENT["terminology"])
     else:
         segmentation.AddSegment(segment, segmentation.GenerateUniqueSegmentID(segment.GetName()))
 
