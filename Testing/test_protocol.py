@@ -4,6 +4,7 @@ and the child's files and result.json, on real CT in a real child process."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import ijk_to_ras, new_scene, read_with_slicer, same_grid
 
-from AttentionUNetSegLib import mrml_bridge, protocol
+from AttentionUNetSegLib import mrml_bridge, protocol, runner
 from AttentionUNetSegLib.imageio import read_image
 
 
@@ -31,11 +32,11 @@ def test_progress_lines_are_parsed_and_other_lines_ignored():
         assert protocol.parse_progress(other) is None
 
 
-def test_segment_command_names_the_protocol_module(tmp_path):
-    command = protocol.segment_command("py", tmp_path / "in.nrrd", tmp_path, ("combined", "level3"),
-                                       device="cuda", quality="fast", weights=tmp_path / "m.safetensors")
+def test_segment_command_names_the_protocol_module_and_asks_for_every_map(tmp_path):
+    command = protocol.segment_command("py", tmp_path / "in.nrrd", tmp_path, device="cuda", quality="fast",
+                                       weights=tmp_path / "m.safetensors")
     assert command[:4] == ["py", "-m", "AttentionUNetSegLib.protocol", "segment"]
-    assert command[command.index("--maps") + 1] == "combined,level3"
+    assert command[command.index("--maps") + 1] == "combined,level2,level3,level4"
     assert command[command.index("--device") + 1] == "cuda"
     assert command[command.index("--quality") + 1] == "fast"
     assert command[-2:] == ["--weights", str(tmp_path / "m.safetensors")]
@@ -45,12 +46,20 @@ def test_segment_command_names_the_protocol_module(tmp_path):
 
 
 def test_the_child_imports_this_copy_of_the_lib():
-    import os
-
     env = protocol.child_environment({"PYTHONPATH": "/elsewhere"})
     lib_parent = str(protocol.Path(protocol.__file__).resolve().parent.parent)
     assert env["PYTHONPATH"].split(os.pathsep) == [lib_parent, "/elsewhere"]
     assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_the_childs_lines_reach_the_parent_in_utf8(tmp_path):
+    """Piped, a child on Windows writes the ANSI code page (cp1252 here stands for it) unless told otherwise;
+    the parent decodes UTF-8, so a non-ASCII path in the error line would arrive garbled."""
+    missing = tmp_path / "Übersicht-北京.nrrd"
+    env = protocol.child_environment({**os.environ, "PYTHONIOENCODING": "cp1252"})
+    child = runner.ChildProcess(protocol.segment_command(sys.executable, missing, tmp_path), env=env)
+    assert child.wait() == protocol.EXIT_USER_ERROR
+    assert str(missing) in protocol.user_error_line(child.stderr_lines)
 
 
 @pytest.mark.parametrize("name", ["ts-abdomen-3mm-crop/ct.nii.gz", "ts-venous-dicom/dicom"])

@@ -6,14 +6,15 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicer
+import slicer_app
 from conftest import ijk_to_ras, image_data_voxels, new_scene, node_ids, read_with_slicer
 
 from AttentionUNetSegLib import mrml_bridge, protocol, runner
@@ -57,7 +58,7 @@ def first_run(small_ct, tiny_model, tmp_path_factory):
     work_root = tmp_path_factory.mktemp("first_run")
     updates: list[protocol.Progress] = []
     idle_calls = []
-    run = started_run(scene, volume, tiny_model, work_root, maps=("combined", "level3"))
+    run = started_run(scene, volume, tiny_model, work_root)
     result = run.wait(updates.append, idle=lambda: idle_calls.append(1))
     return scene, volume, result, updates, work_root, len(idle_calls)
 
@@ -80,8 +81,12 @@ def test_a_run_segments_in_a_child_process_and_imports_into_the_scene(first_run)
     assert node.GetImageData().GetScalarTypeAsString() == "unsigned char"
     assert node.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
     np.testing.assert_allclose(ijk_to_ras(node), ijk_to_ras(volume), atol=1e-4)
-    assert sorted(p.name for p in next(work_root.iterdir()).iterdir()) == ["attention", "pancreas.nrrd",
-                                                                           "result.json"], "the input is kept"
+    work_dir = next(work_root.iterdir())
+    assert sorted(p.name for p in work_dir.iterdir()) == ["attention", "pancreas.nrrd", "result.json"], (
+        "the input is kept")
+    assert sorted(p.name for p in (work_dir / "attention").iterdir()) == [
+        f"{name}.nrrd" for name in protocol.ATTENTION_MAP_NAMES], "the child computes every gate"
+    assert set(result.maps_on_disk) == {"level2", "level3", "level4"}
 
 
 def test_waiting_runs_the_callers_event_loop_on_every_pass(first_run):
@@ -102,18 +107,32 @@ def test_other_gates_are_imported_on_demand_from_the_childs_files(first_run):
     assert result.attention_node("level9") is None
 
 
-def test_a_maps_only_run_adds_a_gate_and_leaves_the_segmentation(first_run, tiny_model, tmp_path):
-    scene, volume, result, *_ = first_run
+def test_showing_another_gate_starts_no_process(first_run, monkeypatch):
+    """Another gate is an import of the first run's file: no second run (which would also take the panel's
+    current device and quality), no new work folder, the segmentation untouched, the map on the CT's grid."""
+    _, volume, result, _, work_root, _ = first_run
     if not result.found:
         pytest.skip("the tiny model found nothing on this CT")
     segmentation = result.outputs.segmentation_node
-    mask_time, before = segmentation.GetMTime(), len(node_ids(scene))
-    later = started_run(scene, volume, tiny_model, tmp_path, maps=("level4",), maps_only=True).wait()
-    assert set(later.outputs.attention_nodes) == {"level4"} and later.outputs.segmentation_node is None
-    assert segmentation.GetMTime() == mask_time and len(node_ids(scene)) == before + 2
-    result.add_maps(later)
-    assert result.has_map("level4") and result.attention_node("level4").GetName() == "Small CT attention level4"
-    assert list(tmp_path.iterdir()) == []
+    mask_time, folders = segmentation.GetMTime(), sorted(work_root.iterdir())
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(result.maps_on_disk["level4"])))
+
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"a process was started to show a gate: {args}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    started = time.perf_counter()
+    level4 = result.attention_node("level4")
+    seconds = time.perf_counter() - started
+    monkeypatch.undo()
+
+    assert seconds < 1.0, f"showing a gate took {seconds:.2f} s"
+    assert sorted(work_root.iterdir()) == folders
+    assert segmentation.GetMTime() == mask_time
+    assert level4.GetName() == "Small CT attention level4" and result.has_map("level4")
+    assert level4.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    np.testing.assert_allclose(ijk_to_ras(level4), ijk_to_ras(volume), atol=1e-4)
+    assert np.array_equal(image_data_voxels(level4.GetImageData()), written) and written.any()
 
 
 def test_attention_is_zero_off_the_body(first_run):
@@ -140,8 +159,10 @@ def test_a_second_run_updates_the_same_nodes(first_run, tiny_model, tmp_path):
     assert node_ids(scene) == before
     assert second.outputs.segmentation_node is first.outputs.segmentation_node
     assert second.outputs.attention_nodes["combined"] is first.outputs.attention_nodes["combined"]
-    assert list(tmp_path.iterdir()) == [], "a run that imported all its maps keeps no files"
     assert first.attention_node("level2") is None, "discarded files cannot be imported"
+    assert second.has_map("level2")
+    second.discard_files()  # what the panel does on scene close and before the next run
+    assert list(tmp_path.iterdir()) == [] and not second.has_map("level2")
 
 
 def test_a_chosen_segmentation_is_written_into(first_run, tiny_model, tmp_path):
@@ -153,6 +174,27 @@ def test_a_chosen_segmentation_is_written_into(first_run, tiny_model, tmp_path):
     result = runner.SegmentationRun(scene, volume, chosen, device="cpu", weights=tiny_model, work_root=tmp_path)
     result.start()
     assert result.wait().outputs.segmentation_node is chosen
+
+
+def test_a_scene_closed_before_the_import_cancels_it(small_ct, tiny_model, tmp_path):
+    """The panel runs Slicer's events between the child's end and the import; Close Scene may be one of them."""
+    scene = new_scene()
+    volume = read_with_slicer(scene, small_ct)
+    run = started_run(scene, volume, tiny_model, tmp_path)
+
+    def close_the_scene_once_the_child_ended():
+        if not run.running:
+            scene.Clear(0)
+
+    with pytest.raises(Cancelled, match="^the scene was closed during the import$"):
+        run.wait(idle=close_the_scene_once_the_child_ended)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_a_known_gate_can_be_shown_first(first_run):
+    with pytest.raises(ValueError, match="level9"):
+        runner.SegmentationRun(first_run[0], first_run[1], shown_map="level9")
 
 
 def test_no_pancreas_found_adds_nothing_to_the_scene(tmp_path):
@@ -187,27 +229,11 @@ def test_the_result_line_shows_the_verdict():
 # --- Cancel, through a launcher like Slicer's PythonSlicer ---------------------------------------------
 
 
-LAUNCHER = """\
-#!{python}
-# Like CTK's AppLauncher installed as PythonSlicer: runs the real interpreter as its own child with stdio
-# passed straight through (QProcess::ForwardedChannels), ignores SIGTERM, and exits with the child's status.
-import os, signal, subprocess, sys
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-child = subprocess.Popen([{python!r}, *sys.argv[1:]])
-with open({pid_file!r}, "w") as f:
-    f.write(str(child.pid))
-sys.exit(child.wait())
-"""
-
-
 @pytest.fixture()
 def launcher(tmp_path):
-    """The launcher script and where it writes its child's process ID."""
+    """A PythonSlicer like the application's (``slicer_app``) and where it writes its child's process ID."""
     pid_file = tmp_path / "python-real.pid"
-    script = tmp_path / "PythonSlicer"
-    script.write_text(textwrap.dedent(LAUNCHER.format(python=sys.executable, pid_file=str(pid_file))))
-    script.chmod(0o755)
-    return script, pid_file
+    return slicer_app.write_launcher(tmp_path, pid_file=pid_file), pid_file
 
 
 def reap_orphans_of(pgid: int) -> None:

@@ -2,13 +2,14 @@
 
 The parent writes the CT into a fresh work folder and starts
 
-    python -m AttentionUNetSegLib.protocol segment INPUT.nrrd --work-dir DIR --maps combined [--device cpu]
-                                          [--quality fast] [--weights FILE]
+    python -m AttentionUNetSegLib.protocol segment INPUT.nrrd --work-dir DIR --maps combined,level2,level3,level4
+                                          [--device cpu] [--quality fast] [--weights FILE]
 
 The child reads the CT, calls the engine's one use case (``Segmenter.segment``) and writes into DIR:
 
 - ``pancreas.nrrd``: the mask, UInt8 label map (1 = pancreas) on the input grid;
-- ``attention/<name>.nrrd``: each map asked for, UInt8 (value / ATTENTION_SCALE = gate coefficient);
+- ``attention/<name>.nrrd``: each map asked for (the parent asks for all four, so that showing another gate
+  is an import, not a second run), UInt8 (value / ATTENTION_SCALE = gate coefficient);
 - ``result.json`` last (``outputs.report``: volume_ml, confidence, qc, reason, seconds, device, model).
 
 While it works it prints ``PROGRESS <fraction> <text>`` lines on stdout. A problem the user can fix ends as
@@ -80,12 +81,14 @@ class Geometry:
 # --- the parent's end ----------------------------------------------------------------------------------
 
 
-def segment_command(python: str, input_path: Path, work_dir: Path, maps: tuple[str, ...] = ("combined",),
-                    device: str = "auto", quality: str = "full", weights: Path | None = None) -> list[str]:
+def segment_command(python: str, input_path: Path, work_dir: Path, device: str = "auto", quality: str = "full",
+                    weights: Path | None = None) -> list[str]:
+    """The child's command line: every attention map, so that the device and quality that made the
+    segmentation also made each gate the user shows later."""
     if quality not in QUALITY_CHOICES:
         raise ValueError(f"quality must be one of {QUALITY_CHOICES}, not {quality!r}")
     command = [python, "-m", MODULE, "segment", str(input_path), "--work-dir", str(work_dir),
-               "--maps", ",".join(maps), "--device", device, "--quality", quality]
+               "--maps", ",".join(ATTENTION_MAP_NAMES), "--device", device, "--quality", quality]
     if weights is not None:
         command += ["--weights", str(weights)]
     return command
@@ -96,11 +99,13 @@ def gpu_command(python: str) -> list[str]:
 
 
 def child_environment(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The child imports this copy of the Lib (source tree or Slicer's install folder), output unbuffered."""
+    """The child imports this copy of the Lib (source tree or Slicer's install folder), output unbuffered and
+    in UTF-8, which the parent decodes (piped, Windows would write the ANSI code page: paths and names garbled)."""
     env = dict(os.environ if base is None else base)
     lib_parent = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (lib_parent, env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
     return env
 
 
@@ -190,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     segment = commands.add_parser("segment", help="segment a CT into a work folder")
     segment.add_argument("input", type=Path)
     segment.add_argument("--work-dir", type=Path, required=True)
-    segment.add_argument("--maps", default="combined", help="comma-separated attention map names")
+    segment.add_argument("--maps", default=",".join(ATTENTION_MAP_NAMES), help="comma-separated attention map names")
     segment.add_argument("--device", default="auto")
     segment.add_argument("--quality", choices=QUALITY_CHOICES, default="full")
     segment.add_argument("--weights", type=Path)

@@ -2,9 +2,13 @@
 
 Inference runs in a separate Python process (Slicer's own ``PythonSlicer``) so that Slicer stays responsive,
 Cancel can stop it at once, and a crashing GPU driver takes down only the child. ``PythonSlicer`` is not
-Python but CTK's application launcher: it runs the real interpreter as *its* child, passes our pipes
-straight through and ignores SIGTERM. So the child is started in a process group (a session on POSIX) and
-Cancel ends that whole group, never waiting on a pipe for longer than a moment.
+Python but CTK's application launcher: it runs the real interpreter as *its* child and passes our pipes
+straight through. So the child is started in a process group (a session on POSIX) and Cancel ends that whole
+group, never waiting on a pipe for longer than a moment.
+
+The child computes every attention map: the shown one is imported with the segmentation, the others stay in
+its work folder until shown (an import of a fraction of a second), so another gate never costs a second run
+and always comes from the device and quality that made the segmentation.
 
 The result is imported with :func:`mrml_bridge.import_volumes`, which changes the scene only once
 everything is built, so a failed or cancelled run leaves the scene as it was.
@@ -104,7 +108,10 @@ class ChildProcess:
                 self._process.wait(TERMINATE_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 pass
-            _signal_group(self.pid, signal.SIGKILL)  # whatever ignored SIGTERM (the launcher does)
+            # The launcher installs no handler, so SIGTERM's default action ends it. The kill is for what
+            # outlives the grace period: the real interpreter it started (still cleaning up, or ignoring
+            # SIGTERM) and anything that one started.
+            _signal_group(self.pid, signal.SIGKILL)
         try:
             self.wait(STOP_WAIT_SECONDS)
         except subprocess.TimeoutExpired:
@@ -131,7 +138,7 @@ class RunResult:
     report: protocol.ChildResult
     seconds: float  # wall time of the whole run, import included
     outputs: object | None  # mrml_bridge.SegmentationOutputs; None when no pancreas was found
-    maps_on_disk: dict[str, Path] = field(default_factory=dict)  # computed maps not imported yet
+    maps_on_disk: dict[str, Path] = field(default_factory=dict)  # the child's maps not imported yet
     _work_dir: Path | None = None
     _scene: object = None
     _volume_node: object = None
@@ -161,7 +168,8 @@ class RunResult:
         return f"Pancreas {report.volume_ml:.1f} mL \u2014 {verdict} (confidence {report.confidence:.2f})"
 
     def attention_node(self, name: str):
-        """The node of attention map ``name``, imported from the child's file on first use (None if not made)."""
+        """The node of attention map ``name``, imported from the child's file on first use (no process is started;
+        None when nothing was found, for an unknown name, or once the files were discarded)."""
         if self.outputs is None:
             return None
         nodes = self.outputs.attention_nodes
@@ -178,10 +186,6 @@ class RunResult:
         """Whether map ``name`` is in the scene or can be imported from the child's files."""
         return self.outputs is not None and (name in self.outputs.attention_nodes or name in self.maps_on_disk)
 
-    def add_maps(self, later: RunResult) -> None:
-        """Take over the maps a later ``maps_only`` run on the same input imported."""
-        self.outputs.attention_nodes.update(later.outputs.attention_nodes)
-
     def discard_files(self) -> None:
         """Remove the child's files (the maps not imported can then no longer be shown)."""
         self.maps_on_disk.clear()
@@ -193,25 +197,23 @@ class SegmentationRun:
     """One segmentation of a volume node in a child process: ``start``, ``poll``, then ``finish`` or ``cancel``.
 
     ``scene`` is a vtkMRMLScene (Slicer's or slicer-core's); nothing in it changes before ``finish``.
-    ``maps`` are the attention maps the child computes; ``shown_maps`` those imported at once, the others
-    on demand (:meth:`RunResult.attention_node`) from the files, kept until :meth:`RunResult.discard_files`.
-    ``maps_only`` imports only the maps (a later request for a gate the first run did not compute; the
-    segmentation is left as it is). Callbacks a front end attaches (``on_progress``, ``on_complete``)
-    travel with the run.
+    The child computes every map of ``protocol.ATTENTION_MAP_NAMES``; ``shown_map`` is imported with the
+    segmentation (None: no map), the others on demand (:meth:`RunResult.attention_node`) from the child's
+    files, kept until :meth:`RunResult.discard_files`. Callbacks a front end attaches (``on_progress``,
+    ``on_complete``) travel with the run.
     """
 
     def __init__(self, scene, volume_node, segmentation_node=None, *, device: str = "auto", quality: str = "full",
-                 maps: tuple[str, ...] = ("combined",), shown_maps: tuple[str, ...] | None = None,
-                 maps_only: bool = False, weights: Path | None = None, python: str | None = None,
-                 work_root: str | Path | None = None):
+                 shown_map: str | None = protocol.ATTENTION_MAP_NAMES[0], weights: Path | None = None,
+                 python: str | None = None, work_root: str | Path | None = None):
         refuse_as_input(volume_node)
         if quality not in protocol.QUALITY_CHOICES:
             raise ValueError(f"quality must be one of {protocol.QUALITY_CHOICES}, not {quality!r}")
+        if shown_map is not None and shown_map not in protocol.ATTENTION_MAP_NAMES:
+            raise ValueError(f"shown_map must be one of {protocol.ATTENTION_MAP_NAMES} or None, not {shown_map!r}")
         self.command: list[str] = []
         self.scene, self.volume_node, self.segmentation_node = scene, volume_node, segmentation_node
-        self.device, self.quality, self.weights, self.maps = device, quality, weights, tuple(maps)
-        self.shown_maps = self.maps[:1] if shown_maps is None else tuple(shown_maps)
-        self.maps_only = maps_only
+        self.device, self.quality, self.weights, self.shown_map = device, quality, weights, shown_map
         self.python = python or sys.executable
         self.work_root = work_root
         self.child: ChildProcess | None = None
@@ -231,8 +233,8 @@ class SegmentationRun:
         voxels, geometry = mrml_bridge.volume_node_voxels(self.volume_node)  # a clear UserError for an empty node
         self._work_dir = Path(tempfile.mkdtemp(prefix="AttentionUNetSeg-", dir=self.work_root))
         input_path = self._work_dir / "input" / f"{_file_stem(self.volume_node.GetName())}.nrrd"
-        self.command = protocol.segment_command(self.python, input_path, self._work_dir, self.maps, self.device,
-                                                self.quality, self.weights)
+        self.command = protocol.segment_command(self.python, input_path, self._work_dir, self.device, self.quality,
+                                                self.weights)
         self._starter = threading.Thread(target=self._write_and_launch, args=(voxels, geometry, input_path),
                                          daemon=True)
         self._starter.start()
@@ -325,16 +327,13 @@ class SegmentationRun:
         )
 
     def _import(self, report: protocol.ChildResult) -> RunResult:
-        on_disk = {name: protocol.map_path(self._work_dir, name) for name in self.maps}
+        on_disk = {name: protocol.map_path(self._work_dir, name) for name in protocol.ATTENTION_MAP_NAMES}
         result = RunResult(report, 0.0, None, on_disk, self._work_dir, self.scene, self.volume_node)
-        if self.maps_only:
-            result.outputs = mrml_bridge.SegmentationOutputs(None)
-            for name in self.shown_maps:
-                result.attention_node(name)
-        elif result.found:  # an empty segment is no result: the scene stays as it was
+        if result.found:  # an empty segment is no result: the scene stays as it was
             mask = mrml_bridge.read_volume_file(self._work_dir / protocol.SEGMENTATION_FILE)
-            shown = {name: mrml_bridge.read_volume_file(on_disk.pop(name)) for name in self.shown_maps}
-            result.outputs = mrml_bridge.import_volumes(self.scene, self.volume_node, mask, shown,
+            shown = [] if self.shown_map is None else [self.shown_map]
+            maps = {name: mrml_bridge.read_volume_file(on_disk.pop(name)) for name in shown}
+            result.outputs = mrml_bridge.import_volumes(self.scene, self.volume_node, mask, maps,
                                                         self.segmentation_node)
         else:
             on_disk.clear()
