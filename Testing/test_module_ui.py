@@ -57,6 +57,7 @@ EXPECTED_WIDGET_CLASSES = {
     "attentionOpacitySlider": "ctkSliderWidget",
     "attentionColorMapComboBox": "QComboBox",
     "inputVolumeSelector": "qMRMLNodeComboBox",
+    "show3DButton": "qMRMLSegmentationShow3DButton",  # Slicer's standard Show 3D button
 }
 
 
@@ -139,7 +140,8 @@ def test_module_title_category_and_self_test():
 
 def test_the_self_test_installs_nothing_and_asserts_no_unmeasured_volume_range():
     """In testing mode nothing is pip-installed (Slicer's own rule for tests); the volume is checked against the
-    child's own report and the segment, not against a range nobody measured on the sample."""
+    child's own report and the segment, not against a range nobody measured on the sample; the only way out
+    of the real inference is a skip when a package is missing (the Extensions Index's build machines)."""
     test = class_def("AttentionUNetSegTest")
     called = {ast.unparse(n.func) for n in ast.walk(test) if isinstance(n, ast.Call)}
     assert not [c for c in called if re.search(r"install|pip", c, re.IGNORECASE)], called
@@ -149,9 +151,12 @@ def test_the_self_test_installs_nothing_and_asserts_no_unmeasured_volume_range()
     assert not bounds, f"a hard-coded bound in the self-test: {bounds}"
     names = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)} | {
         n.attr for n in ast.walk(test) if isinstance(n, ast.Attribute)}
-    switches = [name for name in names if re.search(r"skip|environ|getenv", name, re.IGNORECASE)]
-    assert not switches, f"the self-test must not have a switch that turns inference off: {switches}"
-    assert {"assertCancelEndsTheRun", "killpg", "CANCEL_LIMIT_SECONDS"} <= names
+    assert not [name for name in names if re.search(r"environ|getenv", name, re.IGNORECASE)]
+    skips = [n for n in ast.walk(test) if isinstance(n, ast.If) and "skipTest" in ast.unparse(n)
+             and not any(isinstance(inner, ast.If) and "skipTest" in ast.unparse(inner) for inner in n.body)]
+    assert [ast.unparse(n.test) for n in skips] == ["missing"]
+    assert "missing = dependencies.missing_packages()" in ast.unparse(test)
+    assert {"assertCancelEndsTheRun", "processGroupAlive", "CANCEL_LIMIT_SECONDS"} <= names
 
 
 USER_TEXT_ATTRIBUTES = {"text", "toolTip", "title", "acknowledgementText"}
