@@ -1,10 +1,18 @@
-"""Shared fixtures: the real CT in ../shared/data, and small model files the tests make themselves."""
+"""Shared fixtures: the application's ``slicer``, the real CT in ../shared/data, and small model files the tests
+make themselves."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
+import slicer_app
+
+# Before any test module imports ``slicer``: every test sees the namespace of the Slicer application (the kits
+# Slicer puts in ``slicer``, vtkTeem and vtkITK as modules of their own), never slicer-core's flat package.
+if importlib.util.find_spec("slicer_core") is not None:
+    slicer_app.install()
 
 from AttentionUNetSegLib.locations import labelmaps_dir as shared_labelmaps_dir
 from AttentionUNetSegLib.locations import shared_data_dir

@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,10 +32,16 @@ from conftest import same_grid
 
 from AttentionUNetSegLib.imageio import PANCREAS_SEGMENT, read_image
 
-pytest.importorskip("trame_slicer", reason="the web app needs the [web] extra")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright")
 
-CONSOLE_SCRIPT = Path(sys.executable).with_name("attention-unet-seg")
+# The web app runs in an environment of its own (trame-slicer holds slicer-core below 5.12, while the tests'
+# own environment has Slicer 5.12's): `bash .ci/setup web` makes it.
+WEB_PYTHON = Path(os.environ.get("ATTENTION_UNET_SEG_WEB_PYTHON",
+                                 Path(__file__).resolve().parent.parent / ".venv-web" / "bin" / "python"))
+if not WEB_PYTHON.is_file():
+    pytest.skip(f"the web app's environment is missing ({WEB_PYTHON}): run 'bash .ci/setup web'",
+                allow_module_level=True)
+CONSOLE_SCRIPT = WEB_PYTHON.with_name("attention-unet-seg")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -106,7 +111,7 @@ def _identity_kernel(conv) -> None:
 @contextmanager
 def serve(*args, log_dir: Path):
     """``attention-unet-seg serve`` on a free loopback port; yields the page's URL."""
-    assert CONSOLE_SCRIPT.is_file(), f"{CONSOLE_SCRIPT} missing: run 'pip install -e .[web]' in this environment"
+    assert CONSOLE_SCRIPT.is_file(), f"{CONSOLE_SCRIPT} missing: run 'bash .ci/setup web'"
     port = _free_port()
     stdout, stderr = log_dir / "stdout.txt", log_dir / "stderr.txt"
     env = {**os.environ, "VTK_DEFAULT_OPENGL_WINDOW": "vtkEGLRenderWindow"}
@@ -430,7 +435,7 @@ print(json.dumps(asyncio.run(segment(*sys.argv[1:]))))
 
 def run_scenario(ct: Path, model: Path, then: str) -> dict:
     env = {**os.environ, "VTK_DEFAULT_OPENGL_WINDOW": "vtkEGLRenderWindow"}
-    run = subprocess.run([sys.executable, "-c", SCENARIO, str(ct), str(model), then], capture_output=True,
+    run = subprocess.run([str(WEB_PYTHON), "-c", SCENARIO, str(ct), str(model), then], capture_output=True,
                          text=True, timeout=240, env=env, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
