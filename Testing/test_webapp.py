@@ -23,6 +23,7 @@ import socket
 import subprocess
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -108,13 +109,20 @@ def _identity_kernel(conv) -> None:
     conv.weight[0, 0, 1, 1, 1] = 1.0
 
 
+@dataclass
+class Server:
+    url: str  # the address serve printed, with this start's token (?secret=...)
+    process: subprocess.Popen
+    stderr: Path
+
+
 @contextmanager
-def serve(*args, log_dir: Path):
-    """``attention-unet-seg serve`` on a free loopback port; yields the page's URL."""
+def serve(*args, log_dir: Path, env: dict | None = None):
+    """``attention-unet-seg serve`` on a free loopback port."""
     assert CONSOLE_SCRIPT.is_file(), f"{CONSOLE_SCRIPT} missing: run 'bash .ci/setup web'"
     port = _free_port()
     stdout, stderr = log_dir / "stdout.txt", log_dir / "stderr.txt"
-    env = {**os.environ, "VTK_DEFAULT_OPENGL_WINDOW": "vtkEGLRenderWindow"}
+    env = {**os.environ, "VTK_DEFAULT_OPENGL_WINDOW": "vtkEGLRenderWindow", **(env or {})}
     with stdout.open("w") as out, stderr.open("w") as err:
         process = subprocess.Popen(
             [str(CONSOLE_SCRIPT), "serve", *map(str, args), "--port", str(port), "--device", "cpu"],
@@ -123,7 +131,7 @@ def serve(*args, log_dir: Path):
             env=env,
         )
     try:
-        yield _wait_for_address(process, stdout, stderr)
+        yield Server(_wait_for_address(process, stdout, stderr), process, stderr)
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -163,11 +171,18 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page_with_ct(browser, small_ct, bone_model, tmp_path_factory):
+def served_dir(tmp_path_factory) -> Path:
+    """The server's --data-dir: the page loads by path only inside it."""
+    return tmp_path_factory.mktemp("served")
+
+
+@pytest.fixture(scope="module")
+def page_with_ct(browser, small_ct, bone_model, served_dir, tmp_path_factory):
     """The page of a server started with the small real CT as INPUT."""
-    with serve(small_ct, "--weights", bone_model, log_dir=tmp_path_factory.mktemp("serve_ct")) as url:
+    with serve(small_ct, "--weights", bone_model, "--data-dir", served_dir,
+               log_dir=tmp_path_factory.mktemp("serve_ct")) as server:
         page = browser.new_page(viewport={"width": 1400, "height": 900}, accept_downloads=True)
-        page.goto(url)
+        page.goto(server.url)
         page.get_by_text("Loaded: ct").wait_for()
         yield page
         page.close()
@@ -277,6 +292,7 @@ def test_serve_help_says_it_listens_on_loopback():
     ).stdout
     assert "default: 127.0.0.1, loopback" in help_text
     assert "--port" in help_text and "--weights" in help_text
+    assert "--data-dir" in help_text and "--max-upload-mb" in help_text
 
 
 def test_page_shows_the_ct_in_slicer_views_with_the_abdomen_window(page_with_ct):
@@ -364,15 +380,14 @@ def test_downloads_are_valid_files_on_the_input_grid(page_with_ct, result, small
     assert values.min() >= 0 and values.max() <= 1 and values.max() > 0.2
 
 
-def test_bad_input_shows_a_message_and_keeps_the_loaded_ct(page_with_ct, result, data_dir, tmp_path):
+def test_bad_input_shows_a_message_and_keeps_the_loaded_ct(page_with_ct, result, data_dir, served_dir):
     page = page_with_ct
-    unreadable = tmp_path / "broken.nii.gz"
-    unreadable.write_bytes(b"not an image at all")
-    label_map = data_dir / "ts-abdomen-3mm-crop" / "pancreas.nii.gz"
+    (served_dir / "broken.nii.gz").write_bytes(b"not an image at all")
+    shutil.copy(data_dir / "ts-abdomen-3mm-crop" / "pancreas.nii.gz", served_dir / "labels.nii.gz")
     cases = {
-        str(tmp_path / "missing.nii.gz"): "does not exist",
-        str(unreadable): "is not an image SimpleITK can read",
-        str(label_map): "has no voxel below 0",  # a label map is not a CT in HU
+        "missing.nii.gz": "no CT at that path",
+        str(served_dir / "broken.nii.gz"): "is not an image SimpleITK can read",  # absolute paths inside work too
+        "labels.nii.gz": "has no voxel below 0",  # a label map is not a CT in HU
     }
     axial_before = view_pixels(page, "Axial")
     for path, message in cases.items():
@@ -412,11 +427,12 @@ def test_window_level_presets_and_scrolling_change_the_axial_view(page_with_ct):
 # and offscreen views of its own). With "cancel", Cancel comes straight after Segment, before the first tile.
 SCENARIO = """
 import asyncio, json, sys
+from pathlib import Path
 from AttentionUNetSegLib.engine import Segmenter
 from AttentionUNetSegTools.webapp.app import PancreasWebApp
 
 async def segment(ct, model, then):
-    app = PancreasWebApp(Segmenter(model))
+    app = PancreasWebApp(Segmenter(model), data_dir=Path(ct).parent)
     app.state.server_path = ct
     app.load_server_path()
     await app.background_task
@@ -458,9 +474,9 @@ def test_cancel_leaves_the_scene_and_the_page_as_they_were(small_ct, bone_model)
 
 def test_upload_of_a_dicom_series_loads_it(browser, bone_model, dicom_dir, tmp_path):
     """A server started without INPUT: nothing to segment until a CT is uploaded."""
-    with serve("--weights", bone_model, log_dir=tmp_path) as url:
+    with serve("--weights", bone_model, log_dir=tmp_path) as server:
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.goto(url)
+        page.goto(server.url)
         page.get_by_text("No CT loaded").wait_for()
         assert page.get_by_role("button", name="Segment Pancreas").is_disabled()
         files = page.locator("input[type=file]:not([webkitdirectory])")

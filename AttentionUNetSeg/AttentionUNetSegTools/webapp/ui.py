@@ -9,11 +9,12 @@ from trame.widgets import html
 from trame.widgets import vuetify3 as v
 from trame_slicer.app.ui import (
     FlexContainer,
-    LoadVolumeUI,
     create_vertical_slice_view_gutter_ui,
     create_vertical_view_gutter_ui,
 )
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+
+from .upload import UPLOAD_SLICE_BYTES
 
 if TYPE_CHECKING:
     from .app import PancreasWebApp
@@ -21,6 +22,23 @@ if TYPE_CHECKING:
 # Slicer's view names and colours, so the views read as they do in Slicer.
 VIEW_COLOURS = {"Axial": "#F34A33", "Coronal": "#6DAD4A", "Sagittal": "#EFD64D", "3D": "#8C8CD9"}
 DOWNLOAD = "utils.download(`{name}`, trigger('{trigger}'), 'application/octet-stream')"
+# The page announces the upload, then reads each file slice by slice and sends one slice at a time, so neither
+# the page nor the server holds a whole upload in memory; a false answer (refused, over the limit) stops it.
+# The input is emptied so that choosing the same file again uploads it again. ("void": Vue would take a handler
+# that starts as a function expression for the function itself, and call it while drawing the page.)
+UPLOAD_JS = """void (async (input) => {{
+  const files = [...input.files];
+  input.value = '';
+  const total = files.reduce((sum, file) => sum + file.size, 0);
+  if (!files.length || !(await trame.trigger('{begin}', [files.length, total]))) return;
+  for (const file of files) {{
+    for (let start = 0; start === 0 || start < file.size; start += {slice}) {{
+      const data = await file.slice(start, start + {slice}).arrayBuffer();
+      if (!(await trame.trigger('{part}', [file.name, start, file.size, data]))) return;
+    }}
+  }}
+  await trame.trigger('{end}', []);
+}})($event.target)"""
 
 
 def four_up_layout() -> Layout:
@@ -63,6 +81,7 @@ def build_page(app: PancreasWebApp) -> VAppLayout:
             v.VChip("Research use only, not for clinical decisions", size="small", classes="mr-4")
         with v.VNavigationDrawer(permanent=True, width=360), html.Div(classes="pa-3 d-flex flex-column ga-3"):
             _error_panel()
+            _shared_session_note()
             _ct_panel(app)
             _segment_panel(app)
             _result_panel(app)
@@ -103,10 +122,11 @@ def _ct_panel(app: PancreasWebApp) -> None:
             hide_details=True,
             disabled=("segmenting",),
         )
+        html.Div("read only inside {{ data_dir }}", classes="data-dir text-caption")
         with html.Div(classes="d-flex align-center ga-2"):
             v.VBtn("Load", click=app.load_server_path, loading=("loading",), disabled=("segmenting",))
-            html.Span("or upload", classes="text-caption")
-            LoadVolumeUI().on_load_volume.connect(app.load_uploaded_files)
+            html.Span("or upload (at most {{ max_upload_mb }} MB)", classes="text-caption")
+            _upload_buttons(app)
         v.VSelect(
             v_model=("window_level_preset",),
             items=("window_level_presets",),
@@ -114,6 +134,27 @@ def _ct_panel(app: PancreasWebApp) -> None:
             density="compact",
             hide_details=True,
         )
+
+
+def _upload_buttons(app: PancreasWebApp) -> None:
+    """A file button (an image file, or the files of a DICOM series) and a folder button; while any tab uploads,
+    a spinner instead (the session is shared: one upload at a time)."""
+    trigger = app.server.controller.trigger_name
+    upload_js = UPLOAD_JS.format(begin=trigger(app.upload_begin), part=trigger(app.upload_part),
+                                 end=trigger(app.upload_end), slice=UPLOAD_SLICE_BYTES)
+    with html.Div(v_if="!uploading", classes="d-flex"):
+        for icon, tip, folder in (("mdi-file-upload", "Upload files", False), ("mdi-folder-upload", "Upload a folder", True)):
+            with v.VFileInput(change=upload_js, prepend_icon=icon, multiple=not folder, hide_input=True,
+                              hide_details=True, density="compact", style="width: 40px; flex: none;",
+                              raw_attrs=["webkitdirectory"] if folder else []):
+                v.VTooltip(text=tip, activator="parent", location="bottom")
+    v.VProgressCircular(v_else=True, indeterminate=True, size=24, classes="upload-busy")
+
+
+def _shared_session_note() -> None:
+    """trame's state and Slicer's scene belong to the server process: every tab shows the same session."""
+    html.Div("One shared session: every open tab ({{ tabs_open }} now) sees and changes the same CT, result "
+             "and progress.", classes="shared-session text-caption")
 
 
 def _segment_panel(app: PancreasWebApp) -> None:
