@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import test_outputs
 from conftest import same_grid
 
 from AttentionUNetSegLib import outputs
@@ -24,6 +25,7 @@ from AttentionUNetSegLib.imageio import PANCREAS_SEGMENT, read_image
 from AttentionUNetSegTools import demo
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("attention-unet-seg")
+full_disk = test_outputs.full_disk  # the fixture, shared with the other tests of writing
 SUMMARY = re.compile(r"^Pancreas (?P<ml>[0-9.]+) mL; (?P<verdict>ok .*|check: .*); [0-9.]+ s on cpu$"
                      r"|^No pancreas found; [0-9.]+ s on cpu$")
 
@@ -391,3 +393,48 @@ def test_preview_of_an_empty_mask_centres_on_the_attention_peak(small_ct, tmp_pa
     panel_width = int(pixels.shape[1] * 0.9) // 3
     assert all(coloured[:, i * panel_width : (i + 1) * panel_width].any() for i in range(3))
     assert not np.ptp(pixels[: pixels.shape[0] // 2, : 3 * panel_width], axis=-1).max() > 0.2  # no mask drawn
+
+
+def test_attention_maps_folder_holding_the_input_under_a_maps_name_is_refused(small_ct, tiny_model, tmp_path):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    ct = maps / "combined.nrrd"  # what --attention-maps would write there
+    sitk.WriteImage(read_image(small_ct), str(ct))
+    before = ct.read_bytes()
+    result = run_cli("segment", ct, "-o", tmp_path / "p.nii.gz", "--attention-maps", maps, "--weights", tiny_model)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: output {ct} is the input; it would be overwritten; choose another output"
+    assert ct.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["maps"]
+
+
+def test_dicom_seg_over_a_slice_of_the_input_series_is_refused(dicom_dir, tiny_model, tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    series = tmp_path / "series"
+    series.mkdir()
+    for source in dicom_dir.iterdir():  # with the UIDs a DICOM SEG needs, named as --dicom-seg names its file
+        dataset = pydicom.dcmread(source)
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = "1.2.3.4", "1.2.3.4.5"
+        dataset.save_as(series / f"{source.name}.dcm")
+    slice_file = sorted(series.iterdir())[3]
+    before = slice_file.read_bytes()
+    result = run_cli("segment", series, "-o", tmp_path / "p.nii.gz", "--dicom-seg", slice_file, "--weights",
+                     tiny_model, "--progress", "none")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: output {slice_file} is a file of the input {series}; it would be "
+                                     "overwritten; choose another output")
+    assert slice_file.read_bytes() == before and not (tmp_path / "p.nii.gz").exists()
+
+
+def test_a_full_disk_is_one_line_exit_2_and_leaves_nothing(small_ct, tiny_model, full_disk):
+    """The attention map does not fit (the NIfTI writer itself says nothing); the label, written first, goes too."""
+    out = full_disk.folder
+    attention = out / "attention.nii.gz"
+    command = [str(CONSOLE_SCRIPT), "segment", str(small_ct), "-o", str(out / "pancreas.nii.gz"), "--attention",
+               str(attention), "--report", str(out / "report.json"), "--weights", str(tiny_model), "--progress", "none"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=full_disk.env,
+                            preexec_fn=full_disk.preexec_fn, check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == (f"error: cannot write {attention}; only part of it reached the disk; "
+                                     "free disk space or choose another folder")
+    assert list(out.iterdir()) == []

@@ -218,12 +218,12 @@ def test_the_result_line_shows_the_verdict():
         report = protocol.ChildResult(42.06, 0.83, qc, reason, 5.0, "cpu", "model")
         return runner.RunResult(report, 5.0, None)
 
-    assert result("ok").summary() == "Pancreas 42.1 mL \u2014 ok (confidence 0.83)"
+    assert result("ok").summary() == "Pancreas 42.1 mL; ok (confidence 0.83)"
     assert not result("ok").needs_checking
     checked = result("check", "reaches the edge of the scan")
-    assert checked.summary() == "Pancreas 42.1 mL \u2014 check: reaches the edge of the scan (confidence 0.83)"
+    assert checked.summary() == "Pancreas 42.1 mL; check: reaches the edge of the scan (confidence 0.83)"
     assert checked.needs_checking
-    assert result("not found", "nothing above 0.5").summary() == "No pancreas found: nothing above 0.5"
+    assert result("not found", "nothing above 0.5").summary() == "No pancreas found"
 
 
 # --- Cancel, through a launcher like Slicer's PythonSlicer ---------------------------------------------
@@ -416,17 +416,11 @@ def test_gpu_question_is_answered_by_a_child_process():
     assert query.done
 
 
-def test_missing_requirements_names_what_is_not_installed():
-    assert runner.missing_requirements() == []
-    assert runner.missing_requirements(("numpy>=1", "surely-not-installed-package>=1.0")) == [
-        "surely-not-installed-package>=1.0"]
-
-
 def test_the_parent_end_imports_no_simpleitk_or_torch():
     """What the Slicer module imports at start-up (runner, protocol, bridge) loads neither."""
     import subprocess
 
-    code = ("import sys; from AttentionUNetSegLib import runner, mrml_bridge, model_card; "
+    code = ("import sys; from AttentionUNetSegLib import dependencies, runner, mrml_bridge, model_card; "
             "print(sorted(m for m in ('SimpleITK', 'torch') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=protocol.child_environment(), check=True)

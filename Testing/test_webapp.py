@@ -56,7 +56,7 @@ SEGMENT_RGB = np.array(PANCREAS_SEGMENT["color"], dtype=float)
 SERVER_START_S = 120
 RESULT_WAIT_MS = 120_000
 STATUS_WITH_VOLUME = re.compile(
-    r"Pancreas: ([0-9.]+) mL, (ok|check: [^(]+) \(confidence [0-9.]+\) \(([0-9.]+) s on (\w+)\)")  # JS-compatible
+    r"Pancreas ([0-9.]+) mL; (ok|check: [^(]+) \(confidence [0-9.]+\); ([0-9.]+) s on (\w+)")  # JS-compatible
 
 
 # ---- model, server, browser ----------------------------------------------------------------------------
@@ -459,7 +459,7 @@ def run_scenario(ct: Path, model: Path, then: str) -> dict:
 
 def test_no_pancreas_found_is_said_and_no_empty_segment_is_shown(small_ct, nothing_model):
     seen = run_scenario(small_ct, nothing_model, "wait")
-    assert seen["status"].startswith("No pancreas found: ")
+    assert seen["status"] == "No pancreas found"  # the one wording of every front end
     assert not seen["segmenting"] and not seen["has_result"] and not seen["error_message"]
     assert seen["segmentations"] == 0
 

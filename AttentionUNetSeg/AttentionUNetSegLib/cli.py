@@ -22,7 +22,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from . import __version__, imageio
+from . import __version__, imageio, outputs
 from .errors import Cancelled, UserError
 
 EXIT_USER_ERROR = 2
@@ -30,8 +30,6 @@ EXIT_INTERRUPTED = 130
 LABEL_SUFFIXES = (".seg.nrrd", ".nrrd", ".nii.gz", ".nii")
 ATTENTION_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 PROGRESS_MODES = ("bar", "lines", "none")
-
-Writer = Callable[[Path], None]
 
 
 def main(argv: list[str] | None = None, command_modules: dict[str, str] | None = None,
@@ -41,7 +39,10 @@ def main(argv: list[str] | None = None, command_modules: dict[str, str] | None =
     adding outputs to ``segment`` (the tools' ``--dicom-seg``), with ``add_segment_arguments(parser)`` and
     ``segment_outputs(args) -> ((result, model_name) -> {path: writer})``, called before any work."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(_command_in(argv), command_modules or {}, segment_extras).parse_args(argv)
+    try:
+        args = build_parser(_command_in(argv), command_modules or {}, segment_extras).parse_args(argv)
+    except KeyboardInterrupt:  # while the parser imports the commands' modules (torch): nothing has started
+        return interrupted()
     with _one_line_warnings(), _terminate_as_interrupt():
         try:
             return args.run(args)
@@ -49,8 +50,7 @@ def main(argv: list[str] | None = None, command_modules: dict[str, str] | None =
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USER_ERROR
         except (KeyboardInterrupt, Cancelled):
-            print("error: interrupted; nothing half-written was left behind", file=sys.stderr)
-            return EXIT_INTERRUPTED
+            return interrupted()
         except MemoryError:
             print("error: out of memory; close other programs, or crop or downsample the CT", file=sys.stderr)
             return EXIT_USER_ERROR
@@ -60,6 +60,12 @@ def main(argv: list[str] | None = None, command_modules: dict[str, str] | None =
             print(f"error: unexpected {type(exc).__name__}: {exc}; please report it (rerun with --debug "
                   "for the details)", file=sys.stderr)
             return 1
+
+
+def interrupted() -> int:
+    """Ctrl-C or SIGTERM: one line and the shell's status for an interrupted command."""
+    print("error: interrupted; nothing half-written was left behind", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def build_parser(command: str | None = None, command_modules: dict[str, str] | None = None,
@@ -99,6 +105,9 @@ def _add_segment(commands, extras: tuple[str, ...] = ()) -> None:
         "The label map (1 = pancreas) and the attention maps are written on the input's own grid.",
     )
     parser.add_argument("input", type=Path, help="CT file or DICOM series folder")
+    parser.add_argument("--series", metavar="UID",
+                        help="the SeriesInstanceUID to read from a DICOM folder holding several (default: the "
+                        "largest, named in a warning)")
     parser.add_argument("-o", "--output", type=Path, required=True,
                         help=f"label map to write ({', '.join(LABEL_SUFFIXES)})")
     parser.add_argument("--attention", type=Path, help="combined attention map to write (float32 in [0, 1])")
@@ -137,36 +146,32 @@ def _add_info(commands) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from . import outputs
-
     started = time.perf_counter()
-    label_path = imageio.check_output_path(args.output, LABEL_SUFFIXES)
-    attention_path = imageio.check_output_path(args.attention, ATTENTION_SUFFIXES) if args.attention else None
-    report_path = imageio.check_output_path(args.report, (".json",)) if args.report else None
-    maps_dir = outputs.check_output_folder(args.attention_maps) if args.attention_maps else None
-    map_names = _map_names(args.map_names) if maps_dir else []
-    outputs.refuse_clashes([args.input], [p for p in (label_path, attention_path, report_path) if p])
+    imageio.input_is_folder(args.input)  # a missing input, a link loop, a FIFO: one line before anything uses it
+    files = _result_files(args)
+    outputs.refuse_clashes([args.input], files.paths())  # before any work; the extras' files are checked as written
     extra_outputs = [module.segment_outputs(args) for module in getattr(args, "segment_extras", ())]
 
-    image = imageio.read_image(args.input)
+    image = imageio.read_image(args.input, args.series)
     segmenter = load_segmenter(args)
-    wanted = tuple(dict.fromkeys([*(["combined"] if attention_path else []), *map_names]))
-    result = segment_with_progress(segmenter, image, args.progress, wanted)
-
-    writers = {label_path: outputs.label_writer(result.mask, label_path)}
-    if attention_path:
-        writers[attention_path] = outputs.attention_writer(result.attention_maps["combined"])
-    for name in map_names:
-        writers[maps_dir / f"{name}.nrrd"] = outputs.attention_writer(result.attention_maps[name])
+    result = segment_with_progress(segmenter, image, args.progress, files.map_names)
+    model = outputs.model_name(segmenter.model)
+    extra = [pair for make in extra_outputs for pair in make(result, model).items()]
     seconds = time.perf_counter() - started
-    if report_path:
-        writers[report_path] = outputs.json_writer(
-            outputs.report(result, seconds, outputs.model_name(segmenter.model)))
-    for extra in extra_outputs:
-        writers.update(extra(result, outputs.model_name(segmenter.model)))
-    outputs.write_outputs(writers)
-    print(outputs.summary_line(result, seconds), flush=True)
+    outputs.write_result(result, files, seconds=seconds, model=model, inputs=[args.input], extra=extra)
+    print(outputs.summary_line(result.volume_ml, result.verdict, seconds, result.device), flush=True)
     return 0
+
+
+def _result_files(args: argparse.Namespace) -> outputs.ResultFiles:
+    """The files asked for, each checked before any work: its extension, and a folder that takes files."""
+    label = outputs.check_output_path(args.output, LABEL_SUFFIXES)
+    maps = [(outputs.check_output_path(args.attention, ATTENTION_SUFFIXES), "combined")] if args.attention else []
+    report = outputs.check_output_path(args.report, (".json",)) if args.report else None
+    if args.attention_maps:
+        folder = outputs.check_output_folder(args.attention_maps)
+        maps += [(folder / f"{name}.nrrd", name) for name in _map_names(args.map_names)]
+    return outputs.ResultFiles(label, tuple(maps), report)
 
 
 def _map_names(requested: str | None) -> list[str]:

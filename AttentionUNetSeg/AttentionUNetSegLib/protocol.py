@@ -202,6 +202,17 @@ def _parser() -> argparse.ArgumentParser:
     segment.set_defaults(run=_run_segment)
     gpu = commands.add_parser("gpu", help="print which GPU torch sees, as one JSON line")
     gpu.set_defaults(run=_run_gpu)
+    finetune = commands.add_parser("finetune", help="fine-tune on labelled cases into an output folder (the "
+                                   "finetune module describes what it writes)")
+    finetune.add_argument("folders", nargs="*", type=Path, help="folders of cases, by the naming rule of finetune_data")
+    finetune.add_argument("--case", nargs=2, action="append", default=[], type=Path, metavar=("CT", "LABEL"),
+                          help="one case; repeatable")
+    finetune.add_argument("--output-dir", type=Path, required=True)
+    finetune.add_argument("--weights", type=Path, help="start from these weights (default: the bundled model)")
+    finetune.add_argument("--minutes", type=float, default=10.0)
+    finetune.add_argument("--steps", type=int, help="at most this many steps")
+    finetune.add_argument("--device", default="auto")
+    finetune.set_defaults(run=_run_finetune)
     return parser
 
 
@@ -214,12 +225,27 @@ def _run_segment(args: argparse.Namespace) -> int:
     segmenter = Segmenter(args.weights, SegmentationOptions(device=args.device, quality=args.quality))
     names = tuple(name.strip() for name in args.maps.split(",") if name.strip())
     result = segmenter.segment(image, progress=_print_progress, maps=names)
-    writers = {args.work_dir / SEGMENTATION_FILE: outputs.image_writer(result.mask, compress=False)}
-    for name, attention in result.attention_maps.items():
-        writers[map_path(args.work_dir, name)] = outputs.image_writer(attention, compress=False)
-    report = outputs.report(result, time.perf_counter() - started, outputs.model_name(segmenter.model))
-    writers[args.work_dir / RESULT_FILE] = outputs.json_writer(report)
-    outputs.write_outputs(writers)  # result.json appears only with every file it speaks of
+    files = outputs.ResultFiles(args.work_dir / SEGMENTATION_FILE,
+                                tuple((map_path(args.work_dir, name), name) for name in result.attention_maps),
+                                args.work_dir / RESULT_FILE, coefficients=False, compress=False)
+    # result.json is written last: it appears only with every file it speaks of
+    outputs.write_result(result, files, seconds=time.perf_counter() - started,
+                         model=outputs.model_name(segmenter.model), inputs=[args.input])
+    return 0
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    """PROGRESS lines while it runs, one summary line at the end. Cancel ends the process: the best weights so
+    far are already in the output folder, and the same command resumes from its last checkpoint."""
+    from .finetune import FinetuneOptions, finetune, process_start
+    from .finetune_data import FinetuneCase, case_name, find_cases, unique_names
+
+    cases = [case for folder in args.folders for case in find_cases(folder)]
+    cases += [FinetuneCase(case_name(ct), ct, label) for ct, label in args.case]
+    options = FinetuneOptions(minutes=args.minutes, device=args.device, weights=args.weights, max_steps=args.steps,
+                              started=process_start())
+    result = finetune(unique_names(cases), args.output_dir, options, progress=_print_progress)
+    print(result.summary(), flush=True)
     return 0
 
 

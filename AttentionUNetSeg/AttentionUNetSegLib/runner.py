@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import os
 import queue
-import re
 import shutil
 import signal
 import subprocess
@@ -31,24 +30,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 from . import mrml_bridge, protocol
 from .errors import Cancelled, UserError
+from .outputs import safe_name, summary_line
+from .verdict import NOT_FOUND, OK, Verdict
 
-# What the child imports in Slicer's Python besides torch, which comes from the PyTorch extension. Slicer
-# bundles numpy and SimpleITK, so a first run installs only safetensors; never slicer-core or vtk.
-TORCH_REQUIREMENT = ">=2.1,<3"
-SLICER_REQUIREMENTS = (
-    "numpy>=1.24",
-    "SimpleITK>=2.3",
-    "safetensors>=0.4",
-)
 TERMINATE_GRACE_SECONDS = 0.5  # after SIGTERM, before SIGKILL
 STOP_WAIT_SECONDS = 1.0  # for the killed process and for its pipes to close
 STDERR_LINES_KEPT = 200
-OK, NOT_FOUND = "ok", "not found"  # verdict.qc values (with "check")
 
 
 class ChildProcess:
@@ -160,12 +151,9 @@ class RunResult:
         return self.report.qc != OK
 
     def summary(self) -> str:
-        """``Pancreas 42.1 mL — ok (confidence 0.83)``, ``... — check: <reason> (...)``, or ``No pancreas found``."""
+        """The one wording of every front end (:func:`outputs.summary_line`), without the time."""
         report = self.report
-        if not self.found:
-            return f"No pancreas found: {report.reason}" if report.reason else "No pancreas found"
-        verdict = OK if report.qc == OK else f"{report.qc}: {report.reason}"
-        return f"Pancreas {report.volume_ml:.1f} mL \u2014 {verdict} (confidence {report.confidence:.2f})"
+        return summary_line(report.volume_ml, Verdict(report.qc, report.confidence, report.reason))
 
     def attention_node(self, name: str):
         """The node of attention map ``name``, imported from the child's file on first use (no process is started;
@@ -232,7 +220,8 @@ class SegmentationRun:
         self._started = time.perf_counter()
         voxels, geometry = mrml_bridge.volume_node_voxels(self.volume_node)  # a clear UserError for an empty node
         self._work_dir = Path(tempfile.mkdtemp(prefix="AttentionUNetSeg-", dir=self.work_root))
-        input_path = self._work_dir / "input" / f"{_file_stem(self.volume_node.GetName())}.nrrd"
+        # named after the node, so that the child's messages name the volume the user knows
+        input_path = self._work_dir / "input" / f"{safe_name(self.volume_node.GetName() or '') or 'input'}.nrrd"
         self.command = protocol.segment_command(self.python, input_path, self._work_dir, self.device, self.quality,
                                                 self.weights)
         self._starter = threading.Thread(target=self._write_and_launch, args=(voxels, geometry, input_path),
@@ -385,18 +374,6 @@ class GpuQuery:
         self.child.stop()
 
 
-def missing_requirements(requirements: tuple[str, ...] = SLICER_REQUIREMENTS) -> list[str]:
-    """The requirements whose distribution is not installed (versions are left to pip)."""
-    missing = []
-    for requirement in requirements:
-        name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
-        try:
-            metadata.version(name)
-        except metadata.PackageNotFoundError:
-            missing.append(requirement)
-    return missing
-
-
 def _start_error(exc: BaseException, python: str) -> BaseException:
     if isinstance(exc, FileNotFoundError) and exc.filename == python:
         return UserError(f"the Python to run the segmentation ({python}) was not found", "",
@@ -405,11 +382,6 @@ def _start_error(exc: BaseException, python: str) -> BaseException:
         return UserError("could not write the CT for the segmentation process", str(exc),
                          "free disk space in Slicer's temporary folder (Application Settings > General)")
     return exc
-
-
-def _file_stem(name: str | None) -> str:
-    """Named after the node, so that the child's messages name the volume the user knows."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name or "").strip("._") or "input"
 
 
 def _remove(folder: Path | None) -> None:

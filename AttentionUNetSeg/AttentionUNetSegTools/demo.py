@@ -22,7 +22,6 @@ from AttentionUNetSegLib.cli import add_model_arguments, load_segmenter, segment
 from AttentionUNetSegLib.errors import UserError
 from AttentionUNetSegLib.locations import shared_data_dir
 
-LABEL_FORMATS = ("seg.nrrd", "nii.gz")
 DOWNLOAD_TIMEOUT_S = 60
 
 
@@ -48,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", nargs="?", type=Path,
                         help="CT file or DICOM series folder (default: a real abdominal CT, see above)")
     parser.add_argument("--output-dir", type=Path, default=Path("output"), help="where to write (default: ./output)")
-    parser.add_argument("--label-format", choices=LABEL_FORMATS, default="seg.nrrd",
+    parser.add_argument("--label-format", choices=outputs.LABEL_FORMATS, default="seg.nrrd",
                         help="segmentation file format (default: seg.nrrd, which Slicer loads as a segmentation)")
     add_model_arguments(parser)
 
@@ -57,44 +56,34 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     output_dir = outputs.check_output_folder(args.output_dir)
     segmenter = load_segmenter(args)  # before any download: without a model there is nothing to demonstrate
-    ct_path, case = (args.input, case_name(args.input)) if args.input else default_input()
+    ct_path, case = _ct_and_name(args.input)
     print(f"Segmenting {ct_path}", flush=True)
     image = imageio.read_image(ct_path)
     result = segment_with_progress(segmenter, image, args.progress)
-    attention = result.attention_maps["combined"]
 
     from .preview import render_overlays  # matplotlib: only once there is something to draw
 
-    label_path = output_dir / f"{case}_pancreas.{args.label_format}"
-    # NRRD beside a .seg.nrrd: Slicer opens both, and it writes 7x faster than .nii.gz on large CTs.
-    attention_path = output_dir / f"{case}_attention.{'nii.gz' if args.label_format == 'nii.gz' else 'nrrd'}"
+    files = outputs.named_files(output_dir, args.label_format, prefix=f"{case}_")
     preview_path = output_dir / f"{case}_preview.png"
-    report_path = output_dir / f"{case}_report.json"
-    title = f"{case}: pancreas {result.volume_ml:.1f} mL, {result.verdict.describe()} (model {segmenter.model.spec.version})"
-    seconds = time.perf_counter() - started
-    outputs.write_outputs({
-        label_path: outputs.label_writer(result.mask, label_path),
-        attention_path: outputs.attention_writer(attention),
-        report_path: outputs.json_writer(outputs.report(result, seconds, outputs.model_name(segmenter.model))),
-        preview_path: lambda path: render_overlays(image, result.mask, attention, path, title=title),
-    })
-    print(f"Segmentation:  {label_path}")
-    print(f"Attention map: {attention_path}")
+    title = f"{case}: {outputs.summary_line(result.volume_ml, result.verdict)} (model {segmenter.model.spec.version})"
+    attention = result.attention_maps["combined"]
+    preview = (preview_path, lambda path: render_overlays(image, result.mask, attention, path, title=title))
+    outputs.write_result(result, files, seconds=time.perf_counter() - started,
+                         model=outputs.model_name(segmenter.model), inputs=[ct_path], extra=[preview])
+    print(f"Segmentation:  {files.label}")
+    print(f"Attention map: {files.maps[0][0]}")
     print(f"Preview:       {preview_path}")
-    print(f"Report:        {report_path}")
-    print(outputs.summary_line(result, time.perf_counter() - started), flush=True)
+    print(f"Report:        {files.report}")
+    print(outputs.summary_line(result.volume_ml, result.verdict, time.perf_counter() - started, result.device),
+          flush=True)
     return 0
 
 
-def case_name(path: Path) -> str:
-    """``ct.nii.gz`` -> ``ct``; a DICOM folder keeps its name."""
-    if path.is_dir():
-        return path.resolve().name
-    name = path.name
-    for suffix in imageio.IMAGE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+def _ct_and_name(given: Path | None) -> tuple[Path, str]:
+    """The CT to segment and the name its files start with (``ct.nii.gz`` -> ``ct``, a DICOM folder's name)."""
+    if given is None:
+        return default_input()
+    return given, outputs.safe_name(outputs.image_stem(given.absolute())) or "ct"
 
 
 def default_input() -> tuple[Path, str]:

@@ -42,7 +42,7 @@ def segment_outputs(args):
     require_dicom_input(args.input)
     path = imageio.check_output_path(args.dicom_seg, (".dcm",))
     require_highdicom()
-    sources = read_series(args.input)
+    sources = read_series(args.input, args.series)  # the series segmented (--series)
     return lambda result, model_name: {path: writer(result.mask, sources, model_name)}
 
 

@@ -20,10 +20,9 @@ from AttentionUNetSegLib import cli, outputs
 from AttentionUNetSegLib.errors import UserError
 
 from . import inputs, steps
-from .summary import Summary
+from .summary import SUMMARY_NAME, Summary
 
 ENGINES = ("local", "ray")
-SUMMARY_NAME = "summary.csv"
 LOCK_NAME = ".batch.lock"
 EXIT_SOME_FAILED = 1
 
@@ -39,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="join this Ray cluster (e.g. HEAD:6379 or auto); default: a local Ray instance")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="ray: model workers (default: one per GPU, else one per node)")
-    parser.add_argument("--label-format", choices=steps.LABEL_FORMATS, default="seg.nrrd",
+    parser.add_argument("--label-format", choices=outputs.LABEL_FORMATS, default="seg.nrrd",
                         help="segmentation file: seg.nrrd (Slicer segment) or nii.gz (default: seg.nrrd)")
     parser.add_argument("--dicom-seg", action="store_true",
                         help="also write pancreas.dcm, a DICOM SEG, for each DICOM series (needs the dicom extra)")
@@ -50,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out_dir = _check_usage(args)
     cases, carried = inputs.discover(args.inputs, exclude=out_dir)
+    # Case folders are replaced whole: none may be an input or hold one; nor may OUT (a rerun would take its files
+    # for CTs).
+    outputs.refuse_clashes([*args.inputs, *(case.input for case in cases)],
+                           [out_dir, *(out_dir / case.name for case in cases)])
     layout = steps.Layout(args.label_format, args.dicom_seg)
     if args.dicom_seg:
         _check_dicom_seg(cases)
@@ -98,6 +101,10 @@ def _run_locked(args, cases, carried, out_dir: Path, layout: steps.Layout) -> in
                   "run the same command again to do the rest", file=sys.stderr)
             return cli.EXIT_INTERRUPTED
     print(_closing_line(summary, len(cases) - len(todo), out_dir), flush=True)
+    if summary.unwritten:
+        print(f"error: {summary.unwritten}, then run the same command again (finished cases are kept)",
+              file=sys.stderr)
+        return cli.EXIT_USER_ERROR
     return EXIT_SOME_FAILED if summary.failed() else 0
 
 

@@ -2,23 +2,23 @@
 
 Each case gets a name that is unique in the batch and the same on every run over the same inputs: its path
 relative to the folder it was found in (``patient7/ct.nii.gz`` -> ``patient7_ct``), or the file's stem,
-with parent folders prepended only where two cases would otherwise share a name.
+with parent folders prepended only where two cases would otherwise share a name. A name is a plain folder
+name (``outputs.safe_name``), whatever a CSV's ``case`` column says: never ``..``, ``.``, a path or empty.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import re
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from AttentionUNetSegLib import imageio
+from AttentionUNetSegLib import imageio, outputs
 from AttentionUNetSegLib.errors import UserError
 
 from .summary import COLUMNS as SUMMARY_COLUMNS
+from .summary import SUMMARY_NAME
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,10 @@ class Case:
     input: Path  # a CT file or a DICOM series folder, absolute
     series: str | None = None  # the DICOM series ID where the folder holds several
     carried: dict[str, str] = field(default_factory=dict, hash=False)  # the CSV row's other columns
+
+    def __post_init__(self):
+        if not self.name or self.name != outputs.safe_name(self.name):  # it becomes OUT/<name>, replaced whole
+            raise ValueError(f"a case name must be a plain folder name, not {self.name!r}")
 
     @property
     def is_dicom(self) -> bool:
@@ -122,44 +126,47 @@ def _read_csv(path: Path) -> tuple[list[_Found], list[str]]:
             ct = Path(row["path"].strip())
             ct = ct if ct.is_absolute() else path.parent / ct
             carried = {c: row.get(c) or "" for c in columns}
-            rows.append(_found(ct, None, 1, (row.get("case") or "").strip() or None, carried))
+            rows.append(_found(ct, None, 1, outputs.safe_name(row.get("case") or "") or None, carried))
     return rows, columns
 
 
 def _found(path: Path, series: str | None, depth: int, name: str | None = None,
            carried: dict[str, str] | None = None) -> _Found:
     absolute = path.absolute()
-    stem = _stem(absolute)
+    stem = outputs.image_stem(absolute)
     parts = (f"{stem}_{series.split('.')[-1]}" if series else stem, *(p.name for p in absolute.parents if p.name))
     return _Found(path, series, parts, min(depth, len(parts)), name, carried or {})
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    suffix = next((s for s in imageio.IMAGE_SUFFIXES if name.lower().endswith(s)), "")
-    return name[: len(name) - len(suffix)] if suffix else name
-
-
 def _unique_names(found: list[_Found]) -> list[str]:
-    """Grow colliding names by their parent folders where those differ; number the rest (same stem, other suffix)."""
+    """Grow colliding names by their parent folders where those differ; number the rest (same stem, other suffix,
+    or a CSV naming two cases alike)."""
     depths = [f.depth for f in found]
     while True:
         names = [f.name or _join(f.parts[:d]) for f, d in zip(found, depths)]
         grow = [i for i, f in enumerate(found) if not f.name and depths[i] < len(f.parts)
-                and any(names[j] == names[i] and found[j].parts != f.parts for j in range(len(found)))]
+                and any(names[j].lower() == names[i].lower() and found[j].parts != f.parts for j in range(len(found)))]
         if not grow:
-            break
+            return _numbered(names)
         for i in grow:
             depths[i] += 1
-    seen: Counter[str] = Counter()
+
+
+def _numbered(names: list[str]) -> list[str]:
+    """Each name once, later ones numbered; compared without letter case, as case-insensitive disks see them, and
+    never the summary's name."""
+    taken = {SUMMARY_NAME.lower()}
     unique = []
     for name in names:
-        seen[name] += 1
-        unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+        candidate, number = name, 1
+        while candidate.lower() in taken:
+            number += 1
+            candidate = f"{name}-{number}"
+        taken.add(candidate.lower())
+        unique.append(candidate)
     return unique
 
 
 def _join(parts: tuple[str, ...]) -> str:
-    """Most general first, as a folder name that is never hidden."""
-    name = "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p) for p in reversed(parts))
-    return name.lstrip(".") or "case"
+    """Most general first, as a plain folder name."""
+    return outputs.safe_name("_".join(reversed(parts))) or "case"

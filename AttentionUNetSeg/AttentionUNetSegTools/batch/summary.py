@@ -7,11 +7,13 @@ one; cases not finished yet (or cut off by Ctrl-C) say ``pending``.
 from __future__ import annotations
 
 import csv
+import io
 import threading
 from pathlib import Path
 
-from AttentionUNetSegLib import imageio
+from AttentionUNetSegLib import outputs
 
+SUMMARY_NAME = "summary.csv"
 COLUMNS = ("case", "input", "status", "volume_ml", "qc", "confidence", "seconds", "error")
 OK, ERROR, PENDING = "ok", "error", "pending"
 
@@ -24,6 +26,7 @@ class Summary:
             case.name: {"case": case.name, "input": case.describe_input(), "status": PENDING, **case.carried}
             for case in cases
         }
+        self.unwritten: outputs.WriteError | None = None  # why the file on disk is behind, until a write succeeds
         self._lock = threading.Lock()
 
     def record_ok(self, case: str, report: dict, save: bool = True) -> None:
@@ -42,14 +45,25 @@ class Summary:
         return [name for name, row in self.rows.items() if row["status"] == ERROR]
 
     def write(self) -> None:
-        with self._lock, imageio.replacing(self.path) as temporary:
-            with open(temporary, "w", newline="", encoding="utf-8") as stream:
-                writer = csv.DictWriter(stream, fieldnames=self.columns, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(self.rows.values())
+        """Rewrite the file; a failure (a full disk) is a WriteError."""
+        with self._lock:
+            table = io.StringIO(newline="")
+            writer = csv.DictWriter(table, fieldnames=self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.rows.values())
+            outputs.write_outputs({self.path: outputs.bytes_writer(table.getvalue().encode("utf-8"))})
+            self.unwritten = None
 
     def _record(self, case: str, save: bool, **values: str) -> None:
         with self._lock:
             self.rows[case].update(values)
         if save:
+            self._save()
+
+    def _save(self) -> None:
+        """Called as each case ends, in the engine's threads and callbacks, where a raised error would vanish: a
+        failure is kept for the batch's closing line instead (and a later write may still succeed)."""
+        try:
             self.write()
+        except outputs.WriteError as exc:
+            self.unwritten = exc
