@@ -26,6 +26,13 @@ MAX_LUNG_FRACTION = 0.3  # air inside the body around the mask: lungs mean the c
 # TTA (the default) the failures lie further below the good cases (ok for 43 of 95 good cases, not 14 of 88).
 OK_CONFIDENCE_TTA = 0.74  # most confident failure 0.726 (Dice 0.46)
 OK_CONFIDENCE = 0.88  # without TTA: most confident failure 0.866 (Dice 0.49)
+# A threshold belongs to the weights it was calibrated for: the two above to the bundled weights, named by their
+# SHA-256 (new bundled weights need both recalibrated and this digest updated). Other weights carry their own in
+# their metadata (training[THRESHOLDS_KEY], per mode, written by `attention-unet-seg finetune --calibrate`), or
+# have none, and then no result of theirs is called ok.
+CALIBRATED_WEIGHTS_SHA256 = "78851144660b7f53c83fa428bd21500e2b2029eb7587853c9f503ae57c2525b0"
+THRESHOLDS_KEY = "verdict_thresholds"  # {"tta": threshold, "no_tta": threshold}
+NOT_CALIBRATED = "not calibrated for these weights"
 LUNG_HU = -400.0
 BONE_HU = 200.0
 # Where the pancreas lies relative to the spine's centre on the same slices, in mm on the model grid (LPS: -y
@@ -100,9 +107,25 @@ def ok_threshold_for(tta: bool) -> float:
     return OK_CONFIDENCE_TTA if tta else OK_CONFIDENCE
 
 
-def verdict_of(evidence: Evidence, ok_confidence: float | None = None) -> Verdict:
+def ok_threshold_of(weights_sha256: str, training: dict, tta: bool) -> float | None:
+    """The ok threshold calibrated for these weights (their digest and metadata) in this mode; None if none."""
+    recorded = training.get(THRESHOLDS_KEY) or {}
+    mode = "tta" if tta else "no_tta"
+    if mode in recorded:
+        return float(recorded[mode])
+    return ok_threshold_for(tta) if weights_sha256 == CALIBRATED_WEIGHTS_SHA256 else None
+
+
+def verdict_for_weights(evidence: Evidence, weights_sha256: str, training: dict) -> Verdict:
+    """The verdict on the threshold of the weights that made the result; without one, never ``ok``."""
+    threshold = ok_threshold_of(weights_sha256, training, evidence.agreement is not None)
+    return verdict_of(evidence, threshold, calibrated=threshold is not None)
+
+
+def verdict_of(evidence: Evidence, ok_confidence: float | None = None, calibrated: bool = True) -> Verdict:
     """The first reason to doubt, in order of how much it says; ``ok`` only when there is none. The ok
-    threshold defaults to the calibrated one of the run's mode (with or without TTA)."""
+    threshold defaults to the calibrated one of the run's mode (with or without TTA); ``calibrated`` False
+    (weights without a threshold of their own) puts :data:`NOT_CALIBRATED` in the place of the confidence test."""
     if ok_confidence is None:
         ok_confidence = ok_threshold_for(evidence.agreement is not None)
     confidence = round(evidence.confidence, 3)
@@ -118,7 +141,8 @@ def verdict_of(evidence: Evidence, ok_confidence: float | None = None) -> Verdic
         (not _where_the_pancreas_lies(evidence.spine_offset_mm), "not in front of the spine, where the pancreas lies"),
         (evidence.candidates_ml and evidence.volume_ml / evidence.candidates_ml < MIN_LARGEST_SHARE,
          "the model found several separate candidates"),
-        (confidence < ok_confidence, "the model is unsure of the outline"),
+        (calibrated and confidence < ok_confidence, "the model is unsure of the outline"),
+        (not calibrated, NOT_CALIBRATED),
     ]
     reason = next((text for doubt, text in reasons if doubt), "")
     return Verdict(CHECK if reason else OK, confidence, reason)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import signal
 import sys
-
-from AttentionUNetSegLib import cli
 
 # Each module has ``add_arguments(parser)`` and ``run(args) -> int``; only the one used is imported.
 COMMAND_MODULES = {
@@ -16,6 +15,7 @@ COMMAND_MODULES = {
     "batch": "AttentionUNetSegTools.batch.command",
     "calibrate": "AttentionUNetSegTools.calibration",
     "ablate": "AttentionUNetSegTools.training.ablation",
+    "finetune": "AttentionUNetSegTools.finetune_command",
 }
 
 
@@ -24,6 +24,10 @@ SEGMENT_EXTRAS = ("AttentionUNetSegTools.dicom_seg",)
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        from AttentionUNetSegLib import cli  # SimpleITK and numpy: the first 0.2 s of every command
+    except KeyboardInterrupt:  # Ctrl-C before the runtime's own handling is loaded: nothing started, no traceback
+        return 128 + signal.SIGINT  # the shell's status for Ctrl-C, as the runtime's cli.EXIT_INTERRUPTED
     return cli.main(argv, COMMAND_MODULES, SEGMENT_EXTRAS)
 
 
