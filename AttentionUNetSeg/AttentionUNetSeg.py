@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -30,13 +31,14 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from AttentionUNetSegLib import dependencies, mrml_bridge, protocol, runner
+from AttentionUNetSegLib import dependencies, mrml_bridge, protocol, runner, user_cases
 from AttentionUNetSegLib.errors import Cancelled, UserError
 from AttentionUNetSegLib.model_card import model_card_summary_html, model_card_text
 
 SAMPLE_CT = "CTAAbdomenPanoramix"
 POLL_INTERVAL_MS = 100
 DEVICE_CHOICES = {"Auto": "auto", "GPU": "cuda", "CPU": "cpu"}  # panel label -> protocol --device
+USER_FOLDER = "AttentionUNetSeg"  # beside Slicer's settings file: the user's cases and fine-tuned models
 WARNING_STYLE = "color: #c46a00"  # a result to check; readable on light and dark themes
 LIB_PACKAGE = "AttentionUNetSegLib"  # reloaded with this file
 CANCEL_LIMIT_SECONDS = 2.0  # the self-test's bound for Cancel to end the whole process tree
@@ -134,9 +136,14 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.loadSampleButton.connect("clicked(bool)", self.onLoadSampleButton)
         self.ui.settingsCollapsibleButton.connect("contentsCollapsed(bool)", self.onSettingsCollapsed)
+        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
+        self.ui.removeCaseButton.connect("clicked(bool)", self.onRemoveCase)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetuneButton)
+        self.ui.modelComboBox.connect("activated(int)", self.onModelChosen)
 
         self.initializeParameterNode()
         self.updateInputChoices()
+        self.updateLearning()
 
     def onReload(self):
         """Slicer's Reload re-reads this file only: forget the Lib too, so that edits to it take effect."""
@@ -205,8 +212,11 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          parameters.attentionOpacity, parameters.attentionColorMap)
 
     def updateApplyButton(self):
-        if self.logic.importing:  # a click now would start a second run: wait for the import to end
-            self.ui.applyButton.text = _("Importing...")
+        fineTuning = self.logic.running == "finetune"
+        self.ui.finetuneButton.text = _("Cancel") if fineTuning else _("Fine-tune")
+        self.ui.finetuneButton.enabled = fineTuning or (not self.logic.busy and bool(self.logic.caseNames()))
+        if self.logic.importing or fineTuning:  # a click now would start a second run
+            self.ui.applyButton.text = _("Importing...") if self.logic.importing else _("Segment Pancreas")
             self.ui.applyButton.enabled = False
         elif self.logic.running:
             self.ui.applyButton.text = _("Cancel")
@@ -273,7 +283,7 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.segmentPancreas(
                 parameters.inputVolume, parameters.outputSegmentation,
                 device=DEVICE_CHOICES[parameters.device], quality=parameters.quality,
-                attentionMap=parameters.attentionMap, waitForCompletion=False,
+                attentionMap=parameters.attentionMap, weights=self.chosenWeights(), waitForCompletion=False,
                 progressCallback=self.onProgress, completionCallback=self.onCompleted,
             )
         self.updateApplyButton()
@@ -302,8 +312,8 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 seconds=result.seconds, device=result.device)
             self.showResultLine(result.summary(), warning=True)
         else:
-            self.ui.statusLabel.text = _("Done in {seconds:.0f} s on {device}.").format(
-                seconds=result.seconds, device=result.device)
+            self.ui.statusLabel.text = _("Done in {seconds:.0f} s on {device} with the {model} model.").format(
+                seconds=result.seconds, device=result.device, model=self.ui.modelComboBox.currentText)
             self.showResultLine(result.summary(), warning=result.needs_checking)
             self.ui.show3DButton.setSegmentationNode(result.outputs.segmentation_node)
             self.ui.show3DButton.enabled = True
@@ -312,6 +322,95 @@ class AttentionUNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.onParameterChanged()
         self._gpuQuery = None  # torch may have been installed just now: ask again
         self.onSettingsCollapsed(self.ui.settingsCollapsibleButton.collapsed)
+
+
+    # --- learning from the user's corrections ----------------------------------------------------------
+
+    def updateLearning(self):
+        """The saved cases, the fine-tune button and the model choice, as they are on disk."""
+        names = self.logic.caseNames()
+        self.ui.casesListWidget.clear()
+        for name in names:
+            self.ui.casesListWidget.addItem(name)
+        self.ui.casesLabel.text = _("{count} corrected cases saved in {folder}").format(
+            count=len(names), folder=self.logic.caseLibrary().cases_dir)
+        self.ui.removeCaseButton.enabled = bool(names)
+        chosen = self.chosenWeights()
+        self.ui.modelComboBox.clear()
+        self.ui.modelComboBox.addItem(_("bundled"), "")
+        for model in self.logic.fineTunedModels():
+            self.ui.modelComboBox.addItem(model.describe(), str(model.weights))
+        if chosen is not None and self.ui.modelComboBox.findData(str(chosen)) < 0:
+            self.ui.modelComboBox.addItem(chosen.name, str(chosen))
+        self.ui.modelComboBox.addItem(_("Weights file..."), None)
+        self.ui.modelComboBox.currentIndex = max(self.ui.modelComboBox.findData(str(chosen) if chosen else ""), 0)
+        self.updateApplyButton()
+
+    def chosenWeights(self):
+        """The weights Segment Pancreas uses: None for the bundled model."""
+        data = self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex)
+        return Path(data) if data else None
+
+    def onModelChosen(self, index):
+        if self.ui.modelComboBox.itemData(index) is not None:
+            return
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Weights file"), "", "safetensors (*.safetensors)")
+        self.ui.modelComboBox.currentIndex = 0
+        if path:
+            self.ui.modelComboBox.insertItem(1, Path(path).name, path)
+            self.ui.modelComboBox.currentIndex = 1
+
+    def onAddCase(self):
+        parameters = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Could not add the case."), waitCursor=True):
+            if parameters.inputVolume is None or parameters.outputSegmentation is None:
+                raise UserError("no corrected segmentation to add", "a case is a CT and its Pancreas segment",
+                                "segment the pancreas, correct it in the Segment Editor, then add it")
+            name = self.logic.addCase(parameters.inputVolume, parameters.outputSegmentation)
+            self.ui.finetuneStatusLabel.text = _("Saved as {name}.").format(name=name)
+        self.updateLearning()
+
+    def onRemoveCase(self):
+        item = self.ui.casesListWidget.currentItem()
+        if item is None or not slicer.util.confirmOkCancelDisplay(
+                _("Remove the case {name} from your saved cases?").format(name=item.text())):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not remove the case.")):
+            self.logic.removeCase(item.text())
+        self.updateLearning()
+
+    def onFinetuneButton(self):
+        if self.logic.running == "finetune":
+            self.logic.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Fine-tuning failed."), waitCursor=True):
+            self.ui.progressBar.value = 0
+            self.ui.finetuneStatusLabel.text = _("Starting...")
+            self.logic.fineTune(minutes=self.ui.finetuneMinutesSpinBox.value,
+                                device=DEVICE_CHOICES[self._parameterNode.device], weights=self.chosenWeights(),
+                                waitForCompletion=False, progressCallback=self.onFinetuneProgress,
+                                completionCallback=self.onFinetuned)
+        self.updateApplyButton()
+
+    def onFinetuneProgress(self, fraction, text):
+        self.ui.progressBar.value = round(100 * fraction)
+        self.ui.finetuneStatusLabel.text = text
+        self.updateApplyButton()
+
+    def onFinetuned(self, model, error):
+        if isinstance(error, Cancelled):
+            self.ui.progressBar.value = 0
+            self.ui.finetuneStatusLabel.text = _("Cancelled; the best weights so far are kept and Fine-tune "
+                                                 "resumes from them only in a new run.")
+        elif error is not None:
+            self.ui.finetuneStatusLabel.text = _("Failed: {error}").format(error=error)
+            slicer.util.errorDisplay(_("Fine-tuning failed: {error}").format(error=error))
+        self.updateLearning()
+        if model is not None:
+            self.ui.modelComboBox.currentIndex = self.ui.modelComboBox.findData(str(model.weights))
+            self.ui.finetuneStatusLabel.text = _("Done: {model}. Segment Pancreas now uses it (Settings > "
+                                                 "Model); its verdict is never ok until calibrated.").format(
+                model=model.describe())
 
 
 class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
@@ -331,7 +430,10 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
 
     @property
     def running(self):
-        return self._run is not None
+        """What runs: "segmentation", "finetune", or None."""
+        if self._run is None:
+            return None
+        return "finetune" if isinstance(self._run, runner.FinetuneRun) else "segmentation"
 
     @property
     def busy(self):
@@ -358,7 +460,7 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
         dependencies.install_missing(ask=askConfirmation)
 
     def segmentPancreas(self, volumeNode, segmentationNode=None, device="auto", quality="full",
-                        attentionMap="combined", waitForCompletion=True, progressCallback=None,
+                        attentionMap="combined", weights=None, waitForCompletion=True, progressCallback=None,
                         completionCallback=None):
         """Segment the pancreas in ``volumeNode`` into ``segmentationNode`` (None: a new or the previous one).
 
@@ -366,6 +468,7 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
         :param quality: "full" or "fast".
         :param attentionMap: the map imported at once; the run keeps the other gates' maps, which
             :meth:`showAttention` imports when first shown.
+        :param weights: a model file (a fine-tuned model's, :meth:`fineTunedModels`); None: the bundled model.
         :param progressCallback: ``progressCallback(fraction, text)`` as the child process reports.
         :param completionCallback: without waiting, called with ``(runner.RunResult, None)`` or
             ``(None, exception)`` (``Cancelled`` after :meth:`cancel`).
@@ -380,9 +483,50 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
             raise UserError(f"Python packages missing: {', '.join(missing)}", "they are installed on first use",
                             "click Segment Pancreas in the module panel, or call logic.installDependencies()")
         run = runner.SegmentationRun(slicer.mrmlScene, volumeNode, segmentationNode, device=device,
-                                     quality=quality, shown_map=attentionMap, python=pythonExecutable(),
-                                     work_root=slicer.app.temporaryPath)
+                                     quality=quality, shown_map=attentionMap, weights=weights,
+                                     python=pythonExecutable(), work_root=slicer.app.temporaryPath)
         self.discardResult()
+        return self._launch(run, waitForCompletion, progressCallback, completionCallback)
+
+    def caseLibrary(self):
+        """The user's saved cases and fine-tuned models (in Slicer's settings folder)."""
+        return user_cases.CaseLibrary(Path(slicer.app.slicerUserSettingsFilePath).parent / USER_FOLDER)
+
+    def caseNames(self):
+        return self.caseLibrary().case_names()
+
+    def addCase(self, volumeNode, segmentationNode):
+        """Save the CT and the segmentation's Pancreas segment, as corrected, as a case to learn from;
+        returns its name (raises ``UserError`` for an empty or missing segment)."""
+        return self.caseLibrary().add_case(volumeNode, segmentationNode)
+
+    def removeCase(self, name):
+        self.caseLibrary().remove_case(name)
+
+    def fineTunedModels(self):
+        """The models fine-tuned on the saved cases (``user_cases.FinetunedModel``), newest first."""
+        return self.caseLibrary().models()
+
+    def fineTune(self, minutes=10.0, device="auto", weights=None, steps=None, waitForCompletion=True,
+                 progressCallback=None, completionCallback=None):
+        """Fine-tune the model (``weights``; None: the bundled one) on the saved cases for at most ``minutes``
+        in a child process, into a new model folder; arguments as for :meth:`segmentPancreas`. Returns (or
+        passes to ``completionCallback``) the new ``user_cases.FinetunedModel``. Cancel ends the process tree."""
+        if self.busy:
+            raise UserError("a segmentation or fine-tune is already running", "", "wait for it or cancel it")
+        library = self.caseLibrary()
+        if not library.case_names():
+            raise UserError("there are no saved cases to learn from", "",
+                            "correct a segmentation, then click Add this case")
+        missing = dependencies.missing_packages()
+        if missing:
+            raise UserError(f"Python packages missing: {', '.join(missing)}", "they are installed on first use",
+                            "click Segment Pancreas once, or call logic.installDependencies()")
+        run = runner.FinetuneRun(library.cases_dir, library.new_model_dir(), minutes=minutes, device=device,
+                                 weights=weights, steps=steps, python=pythonExecutable())
+        return self._launch(run, waitForCompletion, progressCallback, completionCallback)
+
+    def _launch(self, run, waitForCompletion, progressCallback, completionCallback):
         run.start()
         logger.info("Running %s", " ".join(run.command))
         if waitForCompletion:
@@ -390,7 +534,7 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
                 if progressCallback:
                     progressCallback(progress.fraction, progress.text)
 
-            return self._finished(run.wait(report, idle=slicer.app.processEvents))
+            return self._finished(run, run.wait(report, idle=slicer.app.processEvents))
         run.on_progress = progressCallback
         run.on_complete = completionCallback
         self._run = run
@@ -398,13 +542,14 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
         return None
 
     def cancel(self):
-        """End a running segmentation's whole process tree; the scene stays as it was."""
+        """End the running segmentation's or fine-tune's whole process tree; the scene stays as it was (a
+        fine-tune keeps its best weights so far)."""
         if self._run is None or self.importing:
             return
         self._timer.stop()
         run = self._run
         run.cancel()
-        self._complete(run, None, Cancelled("segmentation cancelled"))
+        self._complete(run, None, Cancelled(f"{self.running} cancelled"))
 
     def showAttention(self, mapName="combined", visible=True, opacity=0.5, colorMap="Heat"):
         """Show one attention map of the last result over its CT in the slice views (or hide them all).
@@ -451,13 +596,17 @@ class AttentionUNetSegLogic(ScriptedLoadableModuleLogic):
             run.on_progress(1.0, _("Importing the result into the scene"))
         slicer.app.processEvents()
         try:
-            result = self._finished(run.finish())
+            result = self._finished(run, run.finish())
         except Exception as exc:  # noqa: BLE001 -- every failure goes to the caller's completion callback
             self._complete(run, None, exc)
             return
         self._complete(run, result, None)
 
-    def _finished(self, result):
+    def _finished(self, run, result):
+        if isinstance(run, runner.FinetuneRun):
+            logger.info("Fine-tuned into %s", run.output_dir)
+            return user_cases.FinetunedModel(run.output_dir.name, run.output_dir / protocol.FINETUNE_MODEL_FILE,
+                                             result)
         self.lastResult = result
         logger.info("%s; %.1f s on %s", result.summary(), result.seconds, result.device)
         return result

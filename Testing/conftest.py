@@ -66,6 +66,22 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_patch_model(tmp_path_factory) -> Path:
+    """The tiny model with 32-voxel patches: a fine-tuning step takes a fraction of a second."""
+    import torch
+
+    from AttentionUNetSegLib.network import AttentionUNet3D, NetworkConfig
+    from AttentionUNetSegLib.weights import ModelSpec, save_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec(network=NetworkConfig(feature_scale=16), spacing_mm=(4.0, 4.0, 4.0), roi_size=(32, 32, 32),
+                     version="test")
+    path = tmp_path_factory.mktemp("model") / "tiny-patches.safetensors"
+    save_model(AttentionUNet3D(spec.network), spec, path)
+    return path
+
+
 # --- shared helpers (import them with ``from conftest import ...``) ------------------------------------
 
 GRID_TOLERANCE_MM = 1e-4  # origins and spacings that agree this closely are the same grid

@@ -151,10 +151,12 @@ class QTimer:
 
 
 class Application:
-    """``slicer.app`` as a module without a GUI meets it: events, a temporary folder, testing mode."""
+    """``slicer.app`` as a module without a GUI meets it: events, a temporary folder, the settings file's path (a
+    folder of this run's, as a fresh Slicer's), testing mode."""
 
     def __init__(self, temporary_path: str, testing: bool):
         self.temporaryPath = temporary_path
+        self.slicerUserSettingsFilePath = str(Path(temporary_path) / "settings" / "Slicer.ini")
         self._testing = testing
 
     def processEvents(self):

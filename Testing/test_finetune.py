@@ -49,19 +49,8 @@ CONSOLE_SCRIPT = Path(sys.executable).with_name("attention-unet-seg")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """conftest's tiny model with 32-voxel patches: a training step takes a fraction of a second."""
-    import torch
-
-    from AttentionUNetSegLib.network import AttentionUNet3D, NetworkConfig
-    from AttentionUNetSegLib.weights import ModelSpec
-
-    torch.manual_seed(0)
-    spec = ModelSpec(network=NetworkConfig(feature_scale=16), spacing_mm=(4.0, 4.0, 4.0), roi_size=(32, 32, 32),
-                     version="test")
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(AttentionUNet3D(spec.network), spec, path)
-    return path
+def tiny(tiny_patch_model) -> Path:
+    return tiny_patch_model
 
 
 @pytest.fixture(scope="module")

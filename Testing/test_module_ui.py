@@ -58,6 +58,14 @@ EXPECTED_WIDGET_CLASSES = {
     "attentionColorMapComboBox": "QComboBox",
     "inputVolumeSelector": "qMRMLNodeComboBox",
     "show3DButton": "qMRMLSegmentationShow3DButton",  # Slicer's standard Show 3D button
+    "modelComboBox": "QComboBox",
+    "casesLabel": "QLabel",
+    "casesListWidget": "QListWidget",
+    "addCaseButton": "QPushButton",
+    "removeCaseButton": "QPushButton",
+    "finetuneMinutesSpinBox": "QSpinBox",
+    "finetuneButton": "QPushButton",
+    "finetuneStatusLabel": "QLabel",
 }
 
 
@@ -454,7 +462,7 @@ def test_a_click_during_the_import_cannot_start_a_second_run():
     apply = method_source("AttentionUNetSegWidget", "onApplyButton")
     assert apply.index("if self.logic.importing:") < apply.index("self.logic.cancel()")
     button = method_source("AttentionUNetSegWidget", "updateApplyButton")
-    assert button.index("if self.logic.importing:") < button.index("self.ui.applyButton.enabled = False")
+    assert button.index("if self.logic.importing or fineTuning:") < button.index("self.ui.applyButton.enabled = False")
     assert "_completionCallback" not in MODULE_FILE.read_text()
 
 

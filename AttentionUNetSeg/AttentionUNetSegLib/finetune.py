@@ -57,10 +57,12 @@ from .finetune_data import (
 from .imageio import replacing
 from .locations import models_dir
 from .outputs import check_output_folder, json_writer, write_outputs
+from .protocol import FINETUNE_CARD_FILE, FINETUNE_MODEL_FILE
 from .verdict import THRESHOLDS_KEY
 from .weights import LoadedModel, load_model, save_model
 
-MODEL_FILE, CARD_FILE, CARD_TEXT_FILE = "model.safetensors", "finetune.json", "MODEL_CARD.md"
+MODEL_FILE, CARD_FILE = FINETUNE_MODEL_FILE, FINETUNE_CARD_FILE  # named in protocol, for the panel's parent
+CARD_TEXT_FILE = "MODEL_CARD.md"
 CHECKPOINT_FILE = "finetune.checkpoint.pt"
 STAGING = ".publishing"  # new weights and their checksum wait here until both are whole
 HOLD_OUT_FROM = 3  # cases; with fewer, every case is needed for training and no Dice is measured

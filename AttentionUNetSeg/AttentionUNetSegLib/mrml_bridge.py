@@ -477,3 +477,24 @@ def _write_attention_node(scene, input_volume_node, name: str, node, display, vo
         node.SetAndObserveDisplayNodeID(display.GetID())
     _mark_output(node, input_volume_node, ATTENTION_OUTPUT + name)
     return node
+
+
+def segment_voxels(segmentation_node, segment_name: str, volume_node) -> np.ndarray:
+    """A segment as a UInt8 (k, j, i) mask on the voxels of ``volume_node`` (1 inside), whatever the
+    segmentation's own geometry (a segment edited in the Segment Editor may have grown past its first grid)."""
+    segment_id = segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(segment_name)
+    if not segment_id:
+        raise UserError(f"{segmentation_node.GetName()} has no {segment_name} segment", "",
+                        f"segment the pancreas first, or name the segment {segment_name}")
+    labelmap = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    reference = slicer.vtkOrientedImageData()
+    reference.SetExtent(volume_node.GetImageData().GetExtent())
+    reference.SetImageToWorldMatrix(_ijk_to_ras(volume_node))
+    on_volume = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, on_volume)
+    shape = volume_node.GetImageData().GetDimensions()[::-1]
+    scalars = on_volume.GetPointData().GetScalars()
+    if scalars is None:  # an empty segment has no voxels at all
+        return np.zeros(shape, np.uint8)
+    return (numpy_support.vtk_to_numpy(scalars).reshape(shape) != 0).astype(np.uint8)

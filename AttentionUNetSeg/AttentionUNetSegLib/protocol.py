@@ -43,6 +43,9 @@ ATTENTION_MAP_NAMES = ("combined", "level2", "level3", "level4")
 SEGMENTATION_FILE = "pancreas.nrrd"
 MAPS_FOLDER = "attention"
 RESULT_FILE = "result.json"
+# What a fine-tune writes into its output folder (finetune.py), named here for the parent, which cannot import
+# torch: the weights (with their .sha256) and the card as data.
+FINETUNE_MODEL_FILE, FINETUNE_CARD_FILE = "model.safetensors", "finetune.json"
 # numpy dtype -> NRRD type name (the input is written in its own pixel type)
 NRRD_TYPES = {
     "int8": "signed char", "uint8": "uchar", "int16": "short", "uint16": "ushort", "int32": "int",
@@ -92,6 +95,21 @@ def segment_command(python: str, input_path: Path, work_dir: Path, device: str =
     if weights is not None:
         command += ["--weights", str(weights)]
     return command
+
+
+def finetune_command(python: str, cases_dir: Path, output_dir: Path, minutes: float, device: str = "auto",
+                     weights: Path | None = None, steps: int | None = None) -> list[str]:
+    command = [python, "-m", MODULE, "finetune", str(cases_dir), "--output-dir", str(output_dir),
+               "--minutes", f"{minutes:g}", "--device", device]
+    if weights is not None:
+        command += ["--weights", str(weights)]
+    if steps is not None:
+        command += ["--steps", str(steps)]
+    return command
+
+
+def read_finetune_card(output_dir: Path) -> dict:
+    return json.loads((Path(output_dir) / FINETUNE_CARD_FILE).read_text(encoding="utf-8"))
 
 
 def gpu_command(python: str) -> list[str]:

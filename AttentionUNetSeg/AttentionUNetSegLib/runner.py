@@ -181,15 +181,69 @@ class RunResult:
         self._work_dir = None
 
 
-class SegmentationRun:
+class ChildRun:
+    """What the panel's runs share: a child process tree, its progress lines, waiting and the error it left.
+
+    Subclasses start ``self.child`` and implement ``running``, ``cancel`` and ``finish``. Callbacks a front end
+    attaches (``on_progress``, ``on_complete``) travel with the run.
+    """
+
+    what = "process"  # named in an unexpected failure's message
+
+    def __init__(self, python: str | None):
+        self.python = python or sys.executable
+        self.command: list[str] = []
+        self.child: ChildProcess | None = None
+        self.last_progress = protocol.Progress(0.0, "")
+        self.on_progress: Callable[[protocol.Progress], None] | None = None
+        self.on_complete: Callable[[object, BaseException | None], None] | None = None
+
+    def poll(self) -> list[protocol.Progress]:
+        """Progress reported since the last call (never blocks)."""
+        if self.child is None:
+            return []
+        updates = [u for u in map(protocol.parse_progress, self.child.stdout_lines()) if u is not None]
+        if updates:
+            self.last_progress = updates[-1]
+        return updates
+
+    def wait(self, progress: Callable[[protocol.Progress], None] | None = None, interval: float = 0.05,
+             idle: Callable[[], None] | None = None):
+        """Block until the child ends, reporting progress and calling ``idle()`` on every pass (a GUI's
+        event processing), then :meth:`finish`."""
+        while True:
+            running = self.running
+            for update in self.poll():
+                if progress is not None:
+                    progress(update)
+            if idle is not None:
+                idle()
+            if not running:
+                return self.finish()
+            time.sleep(interval)
+
+    def _child_error(self, returncode: int) -> UserError:
+        line = protocol.user_error_line(self.child.stderr_lines)
+        if returncode == protocol.EXIT_USER_ERROR and line:
+            return UserError(line)
+        last = line or next((text for text in reversed(self.child.stderr_lines) if text.strip()), "")
+        return UserError(
+            f"the {self.what} stopped unexpectedly (exit status {returncode})",
+            last.strip() or "it printed no error",
+            "try again with device CPU; the Python console shows the full log",
+        )
+
+
+class SegmentationRun(ChildRun):
     """One segmentation of a volume node in a child process: ``start``, ``poll``, then ``finish`` or ``cancel``.
 
     ``scene`` is a vtkMRMLScene (Slicer's or slicer-core's); nothing in it changes before ``finish``.
     The child computes every map of ``protocol.ATTENTION_MAP_NAMES``; ``shown_map`` is imported with the
     segmentation (None: no map), the others on demand (:meth:`RunResult.attention_node`) from the child's
-    files, kept until :meth:`RunResult.discard_files`. Callbacks a front end attaches (``on_progress``,
-    ``on_complete``) travel with the run.
+    files, kept until :meth:`RunResult.discard_files`.
     """
+
+    what = "segmentation process"
 
     def __init__(self, scene, volume_node, segmentation_node=None, *, device: str = "auto", quality: str = "full",
                  shown_map: str | None = protocol.ATTENTION_MAP_NAMES[0], weights: Path | None = None,
@@ -199,15 +253,10 @@ class SegmentationRun:
             raise ValueError(f"quality must be one of {protocol.QUALITY_CHOICES}, not {quality!r}")
         if shown_map is not None and shown_map not in protocol.ATTENTION_MAP_NAMES:
             raise ValueError(f"shown_map must be one of {protocol.ATTENTION_MAP_NAMES} or None, not {shown_map!r}")
-        self.command: list[str] = []
+        super().__init__(python)
         self.scene, self.volume_node, self.segmentation_node = scene, volume_node, segmentation_node
         self.device, self.quality, self.weights, self.shown_map = device, quality, weights, shown_map
-        self.python = python or sys.executable
         self.work_root = work_root
-        self.child: ChildProcess | None = None
-        self.last_progress = protocol.Progress(0.0, "")
-        self.on_progress: Callable[[protocol.Progress], None] | None = None
-        self.on_complete: Callable[[RunResult | None, BaseException | None], None] | None = None
         self._work_dir: Path | None = None
         self._starter: threading.Thread | None = None
         self._start_error: BaseException | None = None
@@ -232,15 +281,6 @@ class SegmentationRun:
     def running(self) -> bool:
         starting = self._starter is not None and self._starter.is_alive()
         return starting or (self.child is not None and self.child.running)
-
-    def poll(self) -> list[protocol.Progress]:
-        """Progress reported since the last call (never blocks)."""
-        if self.child is None:
-            return []
-        updates = [u for u in map(protocol.parse_progress, self.child.stdout_lines()) if u is not None]
-        if updates:
-            self.last_progress = updates[-1]
-        return updates
 
     def cancel(self) -> None:
         """Stop the child's whole process tree and remove its files; the scene is untouched."""
@@ -277,21 +317,6 @@ class SegmentationRun:
             result.discard_files()
         return result
 
-    def wait(self, progress: Callable[[protocol.Progress], None] | None = None, interval: float = 0.05,
-             idle: Callable[[], None] | None = None) -> RunResult:
-        """Block until the child ends, reporting progress and calling ``idle()`` on every pass (a GUI's
-        event processing), and import the result."""
-        while True:
-            running = self.running
-            for update in self.poll():
-                if progress is not None:
-                    progress(update)
-            if idle is not None:
-                idle()
-            if not running:
-                return self.finish()
-            time.sleep(interval)
-
     # --- internals ------------------------------------------------------------------------------------
 
     def _write_and_launch(self, voxels, geometry, input_path: Path) -> None:
@@ -303,17 +328,6 @@ class SegmentationRun:
                     self.child = ChildProcess(self.command, env=protocol.child_environment())
         except BaseException as exc:  # noqa: BLE001 -- handed to finish(), in the caller's thread
             self._start_error = _start_error(exc, self.python)
-
-    def _child_error(self, returncode: int) -> UserError:
-        line = protocol.user_error_line(self.child.stderr_lines)
-        if returncode == protocol.EXIT_USER_ERROR and line:
-            return UserError(line)
-        last = line or next((text for text in reversed(self.child.stderr_lines) if text.strip()), "")
-        return UserError(
-            f"the segmentation process stopped unexpectedly (exit status {returncode})",
-            last.strip() or "it printed no error",
-            "try again with device CPU; the Python console shows the full log",
-        )
 
     def _import(self, report: protocol.ChildResult) -> RunResult:
         on_disk = {name: protocol.map_path(self._work_dir, name) for name in protocol.ATTENTION_MAP_NAMES}
@@ -328,6 +342,50 @@ class SegmentationRun:
             on_disk.clear()
         result.seconds = time.perf_counter() - self._started
         return result
+
+
+class FinetuneRun(ChildRun):
+    """A fine-tune of the model on the cases in ``cases_dir`` into ``output_dir``, in a child process: ``start``,
+    ``poll``, then ``finish`` (the card of the new weights) or ``cancel``.
+
+    Cancel ends the process tree: the best weights so far stay in ``output_dir`` (the child publishes each
+    version whole), and the same run started again resumes from its last checkpoint.
+    """
+
+    what = "fine-tuning process"
+
+    def __init__(self, cases_dir: Path, output_dir: Path, *, minutes: float = 10.0, device: str = "auto",
+                 weights: Path | None = None, steps: int | None = None, python: str | None = None):
+        super().__init__(python)
+        self.output_dir = Path(output_dir)
+        self.command = protocol.finetune_command(self.python, Path(cases_dir), self.output_dir, minutes, device,
+                                                 weights, steps)
+        self._cancelled = False
+
+    def start(self) -> None:
+        try:
+            self.child = ChildProcess(self.command, env=protocol.child_environment())
+        except FileNotFoundError as exc:
+            raise _start_error(exc, self.python) from None
+
+    @property
+    def running(self) -> bool:
+        return self.child is not None and self.child.running
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self.child is not None:
+            self.child.stop()
+
+    def finish(self) -> dict:
+        """Wait for the child; the card of the weights it wrote (raises ``UserError`` or ``Cancelled``)."""
+        if self._cancelled:
+            raise Cancelled("fine-tuning cancelled")
+        returncode = self.child.wait()
+        self.poll()
+        if returncode != 0:
+            raise self._child_error(returncode)
+        return protocol.read_finetune_card(self.output_dir)
 
 
 def refuse_as_input(volume_node) -> None:
@@ -376,7 +434,7 @@ class GpuQuery:
 
 def _start_error(exc: BaseException, python: str) -> BaseException:
     if isinstance(exc, FileNotFoundError) and exc.filename == python:
-        return UserError(f"the Python to run the segmentation ({python}) was not found", "",
+        return UserError(f"the Python to run the network ({python}) was not found", "",
                          "reinstall Slicer, or check that PythonSlicer is beside the Slicer executable")
     if isinstance(exc, OSError):
         return UserError("could not write the CT for the segmentation process", str(exc),
