@@ -8,7 +8,6 @@ its result into the scene, installing packages -- is in ``AttentionUNetSegLib`` 
 """
 
 import logging
-import os
 import shutil
 import sys
 import time
@@ -746,43 +745,10 @@ class AttentionUNetSegTest(ScriptedLoadableModuleTest):
         started = time.monotonic()
         logic.cancel()
         self.assertLess(time.monotonic() - started, CANCEL_LIMIT_SECONDS)
-        self.assertFalse(processGroupAlive(run.child.pid, CANCEL_LIMIT_SECONDS),
-                         "a process of the child's tree is still running")
+        self.assertFalse(run.child.tree_alive(CANCEL_LIMIT_SECONDS), "a process of the child's tree still runs")
         self.assertEqual(len(outcome), 1)
         self.assertIsInstance(outcome[0], Cancelled)
         self.assertEqual(sceneState(previous), before)
-
-
-def processGroupAlive(groupId, waitSeconds):
-    """Whether a process of the group is still running after up to ``waitSeconds``. On Linux a zombie (killed,
-    not yet reaped by init) counts as gone; elsewhere the group must have vanished."""
-    deadline = time.monotonic() + waitSeconds
-    while True:
-        alive = livingGroupMembers(groupId)
-        if not alive or time.monotonic() > deadline:
-            return bool(alive)
-        time.sleep(0.05)
-
-
-def livingGroupMembers(groupId):
-    if os.name != "posix":
-        return []  # Windows: taskkill /T has ended the tree when cancel() returned
-    if not os.path.isdir("/proc"):
-        try:
-            os.killpg(groupId, 0)
-        except ProcessLookupError:
-            return []
-        return [groupId]
-    members = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
-        except (OSError, IndexError):
-            continue
-        if fields[2] == str(groupId) and fields[0] != "Z":
-            members.append(int(entry))
-    return members
 
 
 def sceneNodeIDs():

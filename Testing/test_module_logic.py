@@ -114,5 +114,5 @@ def test_cancel_ends_the_fine_tune_at_once_and_leaves_no_process(module, logic, 
     started = time.monotonic()
     logic.cancel()
     assert time.monotonic() - started < module.CANCEL_LIMIT_SECONDS
-    assert not module.processGroupAlive(run.child.pid, module.CANCEL_LIMIT_SECONDS)
+    assert not run.child.tree_alive(module.CANCEL_LIMIT_SECONDS)
     assert len(outcome) == 1 and isinstance(outcome[0], Cancelled) and logic.running is None

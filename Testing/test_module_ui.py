@@ -164,7 +164,7 @@ def test_the_self_test_installs_nothing_and_asserts_no_unmeasured_volume_range()
              and not any(isinstance(inner, ast.If) and "skipTest" in ast.unparse(inner) for inner in n.body)]
     assert [ast.unparse(n.test) for n in skips] == ["missing"]
     assert "missing = dependencies.missing_packages()" in ast.unparse(test)
-    assert {"assertCancelEndsTheRun", "processGroupAlive", "CANCEL_LIMIT_SECONDS"} <= names
+    assert {"assertCancelEndsTheRun", "tree_alive", "CANCEL_LIMIT_SECONDS"} <= names
 
 
 USER_TEXT_ATTRIBUTES = {"text", "toolTip", "title", "acknowledgementText"}

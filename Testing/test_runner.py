@@ -273,12 +273,14 @@ def test_cancel_ends_the_launcher_and_the_real_python_at_once(abdomen_ct, tiny_m
     assert run.running, "the child finished before it could be cancelled"
     real_python = int(pid_file.read_text())
     assert real_python != run.child.pid and os.getpgid(real_python) == run.child.pid
+    assert run.child.tree_alive()
 
     started = time.monotonic()
     run.cancel()
     seconds = time.monotonic() - started
 
     assert seconds < CANCEL_LIMIT_SECONDS, f"Cancel took {seconds:.1f} s"
+    assert not run.child.tree_alive()  # killed; on Linux a zombie nobody reaped yet counts as gone
     reap_orphans_of(run.child.pid)
     with pytest.raises(ProcessLookupError):
         os.killpg(run.child.pid, 0)  # no process of the tree is left

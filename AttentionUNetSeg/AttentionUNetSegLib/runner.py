@@ -109,6 +109,37 @@ class ChildProcess:
             pass
 
 
+    def tree_alive(self, wait_seconds: float = 0.0) -> bool:
+        """Whether a process of the tree still runs after up to ``wait_seconds``. On Linux a killed process
+        that its parent (init, in a container often nobody) has not reaped yet counts as gone; on another
+        POSIX system the process group must have vanished; on Windows ``taskkill /T`` ended the tree."""
+        deadline = time.monotonic() + wait_seconds
+        while _living_group_members(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return bool(_living_group_members(self.pid))
+
+
+def _living_group_members(pgid: int) -> list[int]:
+    if sys.platform == "win32":
+        return []
+    if not os.path.isdir("/proc"):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        return [pgid]
+    members = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue
+        if fields[2] == str(pgid) and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
 def _signal_group(pgid: int, signum: int) -> None:
     try:
         os.killpg(pgid, signum)
