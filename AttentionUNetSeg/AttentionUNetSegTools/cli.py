@@ -16,6 +16,7 @@ COMMAND_MODULES = {
     "calibrate": "AttentionUNetSegTools.calibration",
     "ablate": "AttentionUNetSegTools.training.ablation",
     "finetune": "AttentionUNetSegTools.finetune_command",
+    "site-experiment": "AttentionUNetSegTools.site_experiment",
 }
 
 

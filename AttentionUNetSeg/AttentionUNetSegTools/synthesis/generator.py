@@ -11,6 +11,7 @@ the working spacing and kept in memory, so sampling is pure numpy/scipy on the h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,8 @@ class SyntheticCTGenerator:
         random_contrast_probability: float = 0.25,
         cut_pancreas_probability: float = 0.1,
         negative_probability: float = 0.0,
+        appearance: Callable[[np.random.Generator], Appearance] | None = None,
+        field_of_view_mm: float | None = None,
     ):
         self.entries = list(entries)
         self.hosts = [e for e in self.entries if not e.pancreas_only]
@@ -79,6 +82,10 @@ class SyntheticCTGenerator:
         self.random_contrast_probability = random_contrast_probability
         self.cut_pancreas_probability = cut_pancreas_probability
         self.negative_probability = negative_probability
+        # One scanner and protocol (a "site", see site.py): each case's look from ``appearance(rng)`` instead of
+        # a random phase and scanner, and a fixed square field of view; None (the default): drawn per case.
+        self.appearance = appearance
+        self.field_of_view_mm = field_of_view_mm
         self.rng = np.random.default_rng(seed)
         self._maps: dict[str, np.ndarray] = {}
         self._donors: dict[str, np.ndarray | None] = {}
@@ -141,7 +148,10 @@ class SyntheticCTGenerator:
         if pancreas.any() != (view == "abdomen") or (tissues > 0).sum() < 2000:
             return None
         add_body(tissues, rng, self.vox)
-        look = draw_appearance(rng, self.fatty_pancreas_probability, self.random_contrast_probability, phase)
+        if self.appearance is not None:
+            look = self.appearance(rng)
+        else:
+            look = draw_appearance(rng, self.fatty_pancreas_probability, self.random_contrast_probability, phase)
         image = render(tissues, look, rng, self.vox)
         return SyntheticCase(image, pancreas.astype(np.uint8), tissues, self.spacing_mm, host, source, look, view)
 
@@ -152,7 +162,7 @@ class SyntheticCTGenerator:
         organs = bounding_box(tissues > 0)
         length, centre_z = self._slab(tissues, organs[0], low[0], high[0], rng)
         margin = 10 / self.vox[1:]
-        field_mm = rng.uniform(300, 460) * np.array([rng.uniform(0.85, 1.0), 1.0])
+        field_mm = self._field_mm(rng)
         half = field_mm / 2 / self.vox[1:]
         body_centre = np.array([(s.start + s.stop) / 2 for s in organs[1:]]) + np.array([10 / self.vox[1], 0])
         centre_yx = body_centre + rng.normal(0, 25, 2) / self.vox[1:]
@@ -173,11 +183,16 @@ class SyntheticCTGenerator:
             return None
         length = rng.uniform(shortest, min(high - low, 300 / self.vox[0]))
         start = rng.uniform(low, high - length)
-        field_mm = rng.uniform(300, 460) * np.array([rng.uniform(0.85, 1.0), 1.0])
+        field_mm = self._field_mm(rng)
         body_centre = np.array([(s.start + s.stop) / 2 for s in organs[1:]]) + np.array([10 / self.vox[1], 0])
         centre_yx = body_centre + rng.normal(0, 15, 2) / self.vox[1:]
         shape = (round(length), *[round(f / v) for f, v in zip(field_mm, self.vox[1:])])
         return shape, np.array([start + length / 2, *centre_yx])
+
+    def _field_mm(self, rng: np.random.Generator) -> np.ndarray:
+        """The field of view (y, x) in mm: random, or the site's fixed square one (the draws are made either way)."""
+        field_mm = rng.uniform(300, 460) * np.array([rng.uniform(0.85, 1.0), 1.0])
+        return field_mm if self.field_of_view_mm is None else np.full(2, float(self.field_of_view_mm))
 
     def _slab(self, tissues, rows: slice, low: int, high: int, rng) -> tuple[float, float]:
         """(length, centre) in slices: between a little above the liver dome and a little below the kidneys,
