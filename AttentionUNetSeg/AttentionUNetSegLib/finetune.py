@@ -73,6 +73,8 @@ WARMUP_STEPS, FINAL_LEARNING_RATE = 10, 0.02  # the latter relative to the peak,
 WEIGHT_DECAY, GRADIENT_CLIP = 1e-4, 12.0
 NEGATIVE_SHARE = 0.15  # of the patches, from the no-pancreas slabs of the user's cases (when they have any)
 SPEED_STEPS = 3  # steps timed before the plan is cut to the budget (the first also allocates)
+REPLAN_STEPS = 10  # the plan follows the speed of the last steps this often: a machine that gets busy slows a
+# run down midway, and a plan kept from its first steps ran out of time with the learning rate still high
 VALIDATIONS = 4  # on the held-out case, evenly over the planned steps
 CHECKPOINT_SECONDS = 60.0
 SAVE_SECONDS = 3.0  # kept back from the budget for the last writes and the process's exit
@@ -339,7 +341,9 @@ class _Job:
             durations.append(time.monotonic() - clock)
             state.step += 1
             if not state.planned and len(durations) == SPEED_STEPS:
-                state.planned = self._plan(durations)
+                state.planned = self._plan(durations[1:])
+            elif state.planned and len(durations) > SPEED_STEPS and state.step % REPLAN_STEPS == 0:
+                state.planned = self._plan(durations[-REPLAN_STEPS:])
             self._between_steps(loss)
         state.planned = state.planned or state.step  # fewer steps than it takes to time them: all were done
         return "done"
@@ -360,9 +364,9 @@ class _Job:
         return self.state.planned or self.state.wanted
 
     def _plan(self, durations: list[float]) -> int:
-        """The steps that fit the budget at the speed of the steps after the first (which also allocates),
+        """The steps that fit the budget at the speed of these steps (never the first, which also allocates),
         keeping time for the validations and the last writes."""
-        per_step = float(np.mean(durations[1:]))
+        per_step = float(np.mean(durations))
         validations = VALIDATIONS * self.state.validation_seconds if self.held_out else 0.0
         left = self._seconds_left() - validations - SAVE_SECONDS
         return max(self.state.step, min(self.state.wanted, self.state.step + int(left / per_step)))
