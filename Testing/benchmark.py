@@ -4,6 +4,7 @@ against MONAI's AttentionUnet of equal width, measured in the same process on th
     .venv/bin/python Testing/benchmark.py [--threads 2] [--weights FILE]
     .venv/bin/python Testing/benchmark.py --cohort N [--rounds 2]   # cases per hour: segment per CT vs batch
     .venv/bin/python Testing/benchmark.py --panel       # the Slicer panel's path beside the CLI, and a gate switch
+    .venv/bin/python Testing/benchmark.py --memory-growth N   # RSS of one Segmenter over N differently sized CTs
 
 The CT is the real 3 mm abdomen case of ../shared/data resampled onto a 512x512x200 grid (same extent),
 so the work matches a clinical scan of that size. Prints numbers; asserts nothing.
@@ -251,6 +252,84 @@ def cohort_throughput(copies: int, model: Path, threads: int, folder: Path, roun
     }
 
 
+def varied_ct(source, size: tuple[int, int, int]):
+    """The real CT resampled onto ``size`` voxels over its whole extent and stored at the model's 3 mm: the
+    model grid then has that size, anatomy stretched or squeezed (memory depends on the shape, not the values)."""
+    import SimpleITK as sitk
+
+    spacing = [e * s / n for e, s, n in zip(source.GetSize(), source.GetSpacing(), size)]
+    image = sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, source.GetOrigin(), spacing,
+                          source.GetDirection(), -1024, sitk.sitkInt16)
+    image.SetSpacing((3.0, 3.0, 3.0))
+    return image
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def memory_growth(count: int, model: Path, threads: int, device: str) -> dict:
+    """Resident memory of one long-lived ``Segmenter`` (as in ``batch`` and ``serve``) after each of ``count``
+    CTs of different sizes (60-200 voxels per axis, seeded), with the result and the CT dropped: what the
+    process keeps. A bounded process levels off; the growth from the 5th CT to the last says whether it does."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter
+    from AttentionUNetSegLib.locations import shared_data_dir
+
+    source = sitk.ReadImage(str(shared_data_dir() / "ts-abdomen-3mm" / "ct.nii.gz"))
+    segmenter = Segmenter(model, SegmentationOptions(device=device, threads=threads))
+    sizes = np.random.default_rng(0).integers(60, 201, size=(count, 3))
+    curve = []
+    start = time.perf_counter()
+    for number, size in enumerate(sizes, 1):
+        segmenter.segment(varied_ct(source, tuple(int(n) for n in size)))  # the result is dropped at once
+        curve.append(round(_rss_mb()))
+        print(f"CT {number}/{count} {'x'.join(map(str, size))}: RSS {curve[-1]} MB", file=sys.stderr, flush=True)
+    return {"cts": count, "sizes": "60-200 voxels per axis at 3 mm (seed 0)", "threads": threads,
+            "seconds": round(time.perf_counter() - start), "rss_mb": curve,
+            "growth_mb_5th_to_last": curve[-1] - curve[min(4, count - 1)]}
+
+
+def finetune_budget(cases: int, minutes: float, threads: int, device: str, folder: Path, weights: str | None) -> dict:
+    """``attention-unet-seg finetune`` on ``cases`` labelled CTs of the 512x512x200 class (the real abdomen and
+    its pancreas label resampled onto that grid, each case another range of its slices) within ``minutes``, as
+    users run it: how far it got, and whether the whole process kept to the budget."""
+    import SimpleITK as sitk
+
+    from AttentionUNetSegLib.locations import shared_data_dir
+
+    ct = sitk.ReadImage(str(make_clinical_size_ct(folder)))
+    label = sitk.Resample(sitk.ReadImage(str(shared_data_dir() / "ts-abdomen-3mm" / "pancreas.nii.gz")), ct,
+                          sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    slices = ct.GetSize()[2] - 2 * (cases - 1)
+    for number in range(cases):
+        case = folder / "cases" / f"case{number}"
+        case.mkdir(parents=True)
+        for image, name in ((ct, "ct.nii.gz"), (label, "label.nii.gz")):
+            sitk.WriteImage(image[:, :, 2 * number: 2 * number + slices], str(case / name), True)
+    command = [sys.executable, "-m", "AttentionUNetSegTools.cli", "finetune", str(folder / "cases"), "--output-dir",
+               str(folder / "finetuned"), "--minutes", str(minutes), "--device", device, "--threads", str(threads),
+               "--progress", "none", *(["--weights", weights] if weights else [])]
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"finetune failed: {done.stderr.strip()}")
+    card = json.loads((folder / "finetuned" / "finetune.json").read_text())
+    return {"cases": cases, "ct": f"512x512x{slices} int16 (real abdomen resampled)", "threads": threads,
+            "device": card["device"], "budget_minutes": minutes, "process_minutes": round(seconds / 60, 2),
+            "within_budget": seconds <= minutes * 60, "steps_done": card["steps_done"],
+            "planned_steps": card["planned_steps"], "steps_for_the_cases": card["steps_wanted"],
+            "seconds_per_step_all_in": round(card["minutes"] * 60 / max(card["steps_done"], 1), 1),
+            "held_out": card["held_out"], "dice_before": card["dice_before"], "dice_after": card["dice_after"],
+            "load_average_1min_before_after": [round(load, 2), round(os.getloadavg()[0], 2)],
+            "summary": done.stdout.strip().splitlines()[-1]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -261,12 +340,23 @@ def main() -> None:
     parser.add_argument("--cohort", type=int, metavar="N", help="only the cohort benchmark, on N copies of a CT")
     parser.add_argument("--rounds", type=int, default=2, help="cohort benchmark: rounds (the fastest counts)")
     parser.add_argument("--panel", action="store_true", help="only the Slicer panel's path, and the CLI beside it")
+    parser.add_argument("--memory-growth", type=int, metavar="N", help="only RSS over N differently sized CTs")
+    parser.add_argument("--finetune", type=int, metavar="N", help="only fine-tuning on N 512x512x200-class cases")
+    parser.add_argument("--minutes", type=float, default=5.0, help="fine-tuning benchmark: the budget")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if args.cohort:
             model = benchmark_model(folder, args.weights)
             print(json.dumps(cohort_throughput(args.cohort, model, args.threads, folder, args.rounds), indent=2))
+            return
+        if args.finetune:
+            print(json.dumps(finetune_budget(args.finetune, args.minutes, args.threads, args.device, folder,
+                                             args.weights), indent=2))
+            return
+        if args.memory_growth:
+            model = benchmark_model(folder, args.weights)
+            print(json.dumps(memory_growth(args.memory_growth, model, args.threads, args.device), indent=2))
             return
         ct = make_clinical_size_ct(folder)
         model = benchmark_model(folder, args.weights)

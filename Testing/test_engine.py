@@ -1,5 +1,7 @@
 """Inference on real CT: outputs on exactly the input grid, whatever its geometry; progress, cancel, devices."""
 
+import gc
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -145,6 +147,21 @@ def test_runs_are_deterministic(segmenter, ct):
     assert np.array_equal(sitk.GetArrayViewFromImage(first.attention_maps["combined"]),
                           sitk.GetArrayViewFromImage(second.attention_maps["combined"]))
     assert np.array_equal(sitk.GetArrayViewFromImage(first.mask), sitk.GetArrayViewFromImage(second.mask))
+
+
+def test_a_long_lived_segmenter_keeps_nothing_per_shape(segmenter, ct):
+    """``batch`` and ``serve`` run one Segmenter over CTs of every size for hours: no tensor may stay behind
+    per shape (a cache of Gaussian weights per tile shape once grew with every CT). RSS itself is measured by
+    Testing/benchmark.py --memory-growth; it is too noisy for a test."""
+    def tensors_alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+
+    segmenter.segment(ct[:40, :30])
+    before = tensors_alive()
+    for size in range(50, 122, 18):  # each a new tile shape on the tiny model's 4 mm grid
+        segmenter.segment(ct[:size, :size - 20])
+    assert tensors_alive() == before
 
 
 def test_progress_is_reported_and_cancel_stops(segmenter, ct):

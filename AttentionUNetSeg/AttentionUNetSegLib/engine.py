@@ -6,6 +6,7 @@ sliding-window inference with Gaussian blending (``tiling``), post-processing, r
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import time
@@ -23,7 +24,7 @@ from . import geometry, tiling
 from .errors import Cancelled, DeviceError, UserError
 from .imageio import validate_ct
 from .network import GATED_LEVELS
-from .verdict import NOT_FOUND, Evidence, Verdict, dilated, verdict_of
+from .verdict import NOT_FOUND, Evidence, Verdict, dilated, verdict_for_weights
 from .weights import LoadedModel, load_model
 
 ProgressCallback = Callable[[float, str], None]
@@ -38,6 +39,12 @@ DIVISOR = 16  # four 2x poolings
 TTA_SHIFT = 5  # voxels; not a multiple of the poolings' 16, so the second pass sees the CT differently aligned
 ATTENTION_MAP_NAMES = ("combined", *(f"level{k}" for k in GATED_LEVELS))  # combined = mean of the levels
 ATTENTION_SCALE = 255  # attention maps are 8-bit: value / ATTENTION_SCALE = gate coefficient in [0, 1]
+# oneDNN (torch's CPU convolutions) caches a compiled kernel per layer and input shape, 1024 by default, and
+# nearly every CT brings new shapes, so a long-lived process (batch, serve) fills it. 256 still holds the ~65
+# of one forward pass several times over, so the repeated tiles of a large CT stay fast (0 would recompile
+# them for every tile), in half the memory of a full default cache. Read at the first convolution; a user's
+# own setting wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
 
 
 @dataclass
@@ -119,6 +126,12 @@ class Segmenter:
         :data:`ATTENTION_MAP_NAMES`), each resampled once onto the input grid. ``cancel()`` returning True
         stops between tiles.
         """
+        try:
+            return self._segment(image, progress, cancel, maps)
+        finally:
+            release_freed_memory()  # after the run's arrays are gone, error or not
+
+    def _segment(self, image, progress, cancel, maps) -> SegmentationResult:
         report = progress or (lambda fraction, stage: None)
         is_cancelled = cancel or (lambda: False)
         unknown = [name for name in maps if name not in ATTENTION_MAP_NAMES]
@@ -157,7 +170,8 @@ class Segmenter:
         timings["resample"] = time.perf_counter() - clock
         report(1.0, "Done")
         volume_ml = _volume_ml(mask)
-        return SegmentationResult(mask, attention, volume_ml, device_used, timings, verdict_of(evidence), evidence)
+        verdict = verdict_for_weights(evidence, self.model.sha256, self.model.spec.training)
+        return SegmentationResult(mask, attention, volume_ml, device_used, timings, verdict, evidence)
 
     def _normalise(self, volume: np.ndarray) -> np.ndarray:
         return normalise_hu(volume, self.model.spec.hu_range)
@@ -207,6 +221,27 @@ class Segmenter:
             probabilities, *alphas = tiling.sliding_window(tensor, roi, overlap, predict, DIVISOR)
         levels = {f"level{k}": a[0] for k, a in zip(network.attention_levels, alphas)}
         return probabilities[0, 1].numpy(), levels
+
+
+def _glibc_malloc_trim():
+    """glibc's ``malloc_trim``; None under another C library (macOS, Windows, musl), which has no such call."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give the memory a run freed back to the system. glibc keeps freed blocks below 32 MB in its heaps for
+    reuse, and every CT frees arrays of new sizes: without this a long-lived process (batch, serve) stays near
+    its largest run's peak between CTs, about three times what it needs (Testing/benchmark.py --memory-growth).
+    The price is small: the next run's pages are faulted in afresh."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
 
 def normalise_hu(volume: np.ndarray, hu_range: tuple[float, float]) -> np.ndarray:
     """The model's intensity normalisation: clip to the HU range stored with the weights, scale to [0, 1]."""

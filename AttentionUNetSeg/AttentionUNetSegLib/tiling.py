@@ -57,6 +57,7 @@ def sliding_window(
     ]))
     sums: list[torch.Tensor] = []
     weight_sums: list[torch.Tensor] = []
+    weights: list[torch.Tensor] = []
     factors: list[int] = []
     for first in range(0, len(starts), batch_size):
         batch = starts[first : first + batch_size]
@@ -66,8 +67,8 @@ def sliding_window(
             factors = [tile[0] // o.shape[2] for o in outputs]
             sums = [torch.zeros((1, o.shape[1], *[n // f for n in padded_shape])) for o, f in zip(outputs, factors)]
             weight_sums = [torch.zeros((1, 1, *[n // f for n in padded_shape])) for f in factors]
-        for output, total, weight_total, factor in zip(outputs, sums, weight_sums, factors):
-            weight = _gaussian(tuple(output.shape[2:]))
+            weights = [_gaussian(tuple(o.shape[2:])) for o in outputs]
+        for output, total, weight_total, weight, factor in zip(outputs, sums, weight_sums, weights, factors):
             for start, prediction in zip(batch, output):
                 region = (..., *_window(start, tile, factor))
                 total[region] += prediction * weight
@@ -86,13 +87,13 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-_GAUSSIANS: dict[tuple[int, ...], torch.Tensor] = {}
-
-
 def _gaussian(shape: tuple[int, ...]) -> torch.Tensor:
-    """Weights peaking at the tile centre; never zero, so every voxel gets a defined average."""
-    if shape not in _GAUSSIANS:
-        axes = [torch.exp(-0.5 * ((torch.arange(n) - (n - 1) / 2) / (SIGMA_FRACTION * n)) ** 2) for n in shape]
-        weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-        _GAUSSIANS[shape] = (weight / weight.max()).clamp_min(1e-3)[None]
-    return _GAUSSIANS[shape]
+    """Weights peaking at the tile centre; never zero, so every voxel gets a defined average.
+
+    Made for each call, not cached: the engine's tile is usually the whole cropped CT, so a cache keyed by
+    shape grew by up to 32 MB with every new CT in a long-lived process; one product of three axes is cheap.
+    """
+    axes = [torch.exp(-0.5 * ((torch.arange(n) - (n - 1) / 2) / (SIGMA_FRACTION * n)) ** 2) for n in shape]
+    axes = [axis / axis.max() for axis in axes]  # so the product peaks at 1
+    weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return weight.clamp_min_(1e-3)[None]
