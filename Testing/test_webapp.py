@@ -56,7 +56,7 @@ SEGMENT_RGB = np.array(PANCREAS_SEGMENT["color"], dtype=float)
 SERVER_START_S = 120
 RESULT_WAIT_MS = 120_000
 STATUS_WITH_VOLUME = re.compile(
-    r"Pancreas ([0-9.]+) mL; (ok|check: [^(]+) \(confidence [0-9.]+\); ([0-9.]+) s on (\w+)")  # JS-compatible
+    r"Pancreas ([0-9.]+) mL; (ok|check: .+?) \(confidence [0-9.]+\); ([0-9.]+) s on (\w+)")  # JS-compatible
 
 
 # ---- model, server, browser ----------------------------------------------------------------------------

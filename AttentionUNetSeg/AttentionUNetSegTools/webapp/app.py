@@ -24,6 +24,7 @@ from AttentionUNetSegLib import imageio, mrml_bridge, outputs
 from AttentionUNetSegLib.engine import ATTENTION_MAP_NAMES, Segmenter
 from AttentionUNetSegLib.errors import Cancelled, UserError
 from AttentionUNetSegLib.model_card import model_card_summary, model_card_text
+from AttentionUNetSegLib.outputs import summary_line
 
 from . import guard, ui, upload
 
@@ -355,7 +356,7 @@ class PancreasWebApp(TrameApp):
         self._publish(has_result=True, result_volume=f"{result.volume_ml:.1f} mL", result_verdict=verdict.describe(),
                       result_verdict_ok=verdict.qc == "ok", result_time=f"{seconds:.1f} s",
                       result_device=result.device)
-        self._finish(outputs.summary_line(result.volume_ml, verdict, seconds, result.device), progress=100)
+        self._finish(summary_line(result.volume_ml, verdict, seconds, result.device), progress=100)
 
     def _run_engine(self, image, report, is_cancelled):
         """Worker thread: inference and every attention map on the input grid; no scene access here."""
@@ -368,7 +369,7 @@ class PancreasWebApp(TrameApp):
             mrml_bridge.show_attention(self.scene, self.outputs.attention_nodes["combined"], visible=False)
         self.outputs, self.mask, self.attention_maps = None, None, {}
         self._publish(has_result=False)
-        self._finish(outputs.summary_line(result.volume_ml, result.verdict), progress=100)
+        self._finish(summary_line(result.volume_ml, result.verdict), progress=100)
 
     def _show_progress(self, fraction: float, text: str) -> None:
         if self._owned["segmenting"]:
