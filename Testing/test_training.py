@@ -11,15 +11,15 @@ import torch
 
 from AttentionUNetSegLib.engine import normalise_hu
 from AttentionUNetSegLib.errors import UserError
+from AttentionUNetSegLib.finetune_data import sample_patch
 from AttentionUNetSegLib.locations import REPOSITORY
 from AttentionUNetSegLib.network import AttentionUNet3D, NetworkConfig
 from AttentionUNetSegLib.weights import ModelSpec, bundled_model_path, load_model, save_model
 from AttentionUNetSegTools.metrics import NEGATIVE_MARGIN_MM
 from AttentionUNetSegTools.synthesis.catalog import labelmap_catalog
-from AttentionUNetSegTools.training.config import DataSource, TrainingConfig
-from AttentionUNetSegTools.training.data import PancreasFreeCrops, RealCases, SyntheticCases, sample_patch, source_pairs
 from AttentionUNetSegTools.training import loop
-from AttentionUNetSegTools.training.widen import widen
+from AttentionUNetSegTools.training.config import DataSource, TrainingConfig
+from AttentionUNetSegTools.training.data import PancreasFreeCrops, RealCases, SyntheticCases, source_pairs
 from AttentionUNetSegTools.training.loop import (
     TrainingClock,
     _learning_rate_factor,
@@ -28,6 +28,7 @@ from AttentionUNetSegTools.training.loop import (
     recalibrate_batchnorm,
     train,
 )
+from AttentionUNetSegTools.training.widen import widen
 
 BUNDLED_CONFIG = REPOSITORY / "AttentionUNetSeg" / "Resources" / "Models" / "pancreas_attention_unet.train.yaml"
 GPU_CONFIG = REPOSITORY / "Resources" / "Training" / "gpu.train.yaml"

@@ -242,12 +242,15 @@ class VolumeDraw:
         return self.volumes[rng.integers(len(self.volumes))]
 
 
-def sample_patch(volume, patch_zyx, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A patch centred near a random pancreas voxel (mostly) or anywhere, padded with air where the volume is
-    smaller, as training samples them. ``volume``: anything with ``ct``, ``pancreas`` and ``foreground``."""
+def sample_patch(volume, patch_zyx, rng: np.random.Generator,
+                 foreground_fraction: float = FOREGROUND_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """A patch centred near a random pancreas voxel (with probability ``foreground_fraction``) or anywhere,
+    padded with air where the volume is smaller: how training and fine-tuning sample them. ``volume``: anything
+    with ``ct``, ``pancreas`` and ``foreground`` (the pancreas voxels' indices)."""
     ct, label = _pad_to(volume.ct, patch_zyx, AIR_HU), _pad_to(volume.pancreas, patch_zyx, 0)
-    if len(volume.foreground) and rng.random() < FOREGROUND_FRACTION:
-        centre = volume.foreground[rng.integers(len(volume.foreground))] + rng.integers(
+    foreground = volume.foreground if rng.random() < foreground_fraction else ()
+    if len(foreground):
+        centre = foreground[rng.integers(len(foreground))] + rng.integers(
             -FOREGROUND_JITTER, FOREGROUND_JITTER + 1, size=3)
     else:
         centre = np.array([rng.integers(n) for n in ct.shape])

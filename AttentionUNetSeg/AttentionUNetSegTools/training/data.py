@@ -209,21 +209,3 @@ def build_sources(config: TrainingConfig, train_entries) -> tuple[list, np.ndarr
         raise UserError("the training config names no data sources", "", "add entries under 'sources'")
     weights = np.asarray(weights, dtype=float)
     return sources, weights / weights.sum()
-
-
-def sample_patch(case: Case, patch_zyx, rng: np.random.Generator, foreground_fraction: float):
-    """A patch centred on a random pancreas voxel (with probability ``foreground_fraction``) or anywhere."""
-    ct, label = _pad_to(case.ct, patch_zyx, AIR_HU), _pad_to(case.pancreas, patch_zyx, 0)
-    foreground = case.foreground if rng.random() < foreground_fraction else np.empty((0, 3))
-    if len(foreground):
-        centre = foreground[rng.integers(len(foreground))] + rng.integers(-8, 9, size=3)
-    else:
-        centre = np.array([rng.integers(n) for n in ct.shape])
-    start = [int(np.clip(c - p // 2, 0, n - p)) for c, p, n in zip(centre, patch_zyx, ct.shape)]
-    box = tuple(slice(s, s + p) for s, p in zip(start, patch_zyx))
-    return ct[box], label[box]
-
-
-def _pad_to(array: np.ndarray, shape, value) -> np.ndarray:
-    pad = [(0, max(p - n, 0)) for n, p in zip(array.shape, shape)]
-    return np.pad(array, pad, constant_values=value) if any(after for _, after in pad) else array

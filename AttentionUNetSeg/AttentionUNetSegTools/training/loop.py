@@ -18,13 +18,14 @@ from tqdm import tqdm
 from AttentionUNetSegLib import imageio
 from AttentionUNetSegLib.engine import SegmentationOptions, Segmenter, autocast_dtype, normalise_hu, resolve_device
 from AttentionUNetSegLib.errors import UserError
+from AttentionUNetSegLib.finetune_data import sample_patch
 from AttentionUNetSegLib.network import AttentionUNet3D
 from AttentionUNetSegLib.weights import LoadedModel, ModelSpec, load_model, save_model
 
 from ..evaluation import file_case, synthetic_cases
 from ..metrics import dice
 from .config import TrainingConfig, resolve_path
-from .data import build_sources, sample_patch
+from .data import build_sources
 from .widen import can_widen, widen
 
 LOG_FIELDS = ["step", "loss", "learning_rate", "seconds", "validation"]
@@ -231,7 +232,7 @@ def _loss(batch_dice: bool = False, dice_background: bool = True):
                       batch=batch_dice, include_background=dice_background)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _augmentations(device: torch.device):
     """One pipeline per device, its affine grid made there too: made on the CPU (7 ms an 80^3 patch on one
     thread) and copied, it would cost a GPU run about 60 ms of one process a batch of 8."""
