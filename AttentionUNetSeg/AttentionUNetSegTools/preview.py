@@ -8,6 +8,7 @@ it never touches a GUI backend (inside Slicer neither).
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from AttentionUNetSegLib.imageio import PANCREAS_SEGMENT, replacing
 
 ABDOMEN_WINDOW_HU = (-160.0, 240.0)  # level 40, width 400
 MAX_PIXELS_PER_SIDE = 512
+TITLE_WIDTH = 100  # characters a title line holds across the three views
 # As Slicer and the web app show it (mrml_bridge): a heat map, transparent below 0.2, half opaque.
 ATTENTION_SHOWN_FROM = 0.2
 ATTENTION_OPACITY = 0.5
@@ -69,7 +71,7 @@ def render_overlays(ct: sitk.Image, mask: sitk.Image, attention: sitk.Image, pat
     colourbar.ax.yaxis.label.set_color("white")
     colourbar.ax.tick_params(colors="white")
     if title:
-        figure.suptitle(title, color="white")
+        figure.suptitle(textwrap.fill(title, TITLE_WIDTH), color="white")  # a verdict's reason can be long
     return _save(figure, Path(path))
 
 
