@@ -50,36 +50,30 @@ def dicom_dir(data_dir) -> Path:
     return data_dir / "ts-venous-dicom" / "dicom"
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A small, untrained but valid model file (seeded), with checksum, for engine/CLI/bridge tests."""
+def save_tiny_model(path: Path, patch: int) -> Path:
+    """A small, untrained but valid model file (seeded), with checksum, tiling ``patch``-voxel cubes."""
     import torch
 
     from AttentionUNetSegLib.network import AttentionUNet3D, NetworkConfig
     from AttentionUNetSegLib.weights import ModelSpec, save_model
 
     torch.manual_seed(0)
-    spec = ModelSpec(network=NetworkConfig(feature_scale=16), spacing_mm=(4.0, 4.0, 4.0), roi_size=(64, 64, 64),
+    spec = ModelSpec(network=NetworkConfig(feature_scale=16), spacing_mm=(4.0, 4.0, 4.0), roi_size=(patch,) * 3,
                      version="test")
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_model(AttentionUNet3D(spec.network), spec, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """For engine, CLI and bridge tests."""
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny.safetensors", 64)
 
 
 @pytest.fixture(scope="session")
 def tiny_patch_model(tmp_path_factory) -> Path:
-    """The tiny model with 32-voxel patches: a fine-tuning step takes a fraction of a second."""
-    import torch
-
-    from AttentionUNetSegLib.network import AttentionUNet3D, NetworkConfig
-    from AttentionUNetSegLib.weights import ModelSpec, save_model
-
-    torch.manual_seed(0)
-    spec = ModelSpec(network=NetworkConfig(feature_scale=16), spacing_mm=(4.0, 4.0, 4.0), roi_size=(32, 32, 32),
-                     version="test")
-    path = tmp_path_factory.mktemp("model") / "tiny-patches.safetensors"
-    save_model(AttentionUNet3D(spec.network), spec, path)
-    return path
+    """32-voxel patches: a fine-tuning step takes a fraction of a second."""
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny-patches.safetensors", 32)
 
 
 # --- shared helpers (import them with ``from conftest import ...``) ------------------------------------

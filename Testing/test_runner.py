@@ -129,7 +129,7 @@ def test_showing_another_gate_starts_no_process(first_run, monkeypatch):
     assert seconds < 1.0, f"showing a gate took {seconds:.2f} s"
     assert sorted(work_root.iterdir()) == folders
     assert segmentation.GetMTime() == mask_time
-    assert level4.GetName() == "Small CT attention level4" and result.has_map("level4")
+    assert level4.GetName() == "Small CT attention level4" and "level4" not in result.maps_on_disk
     assert level4.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
     np.testing.assert_allclose(ijk_to_ras(level4), ijk_to_ras(volume), atol=1e-4)
     assert np.array_equal(image_data_voxels(level4.GetImageData()), written) and written.any()
@@ -160,9 +160,9 @@ def test_a_second_run_updates_the_same_nodes(first_run, tiny_model, tmp_path):
     assert second.outputs.segmentation_node is first.outputs.segmentation_node
     assert second.outputs.attention_nodes["combined"] is first.outputs.attention_nodes["combined"]
     assert first.attention_node("level2") is None, "discarded files cannot be imported"
-    assert second.has_map("level2")
+    assert second.maps_on_disk["level2"].is_file()
     second.discard_files()  # what the panel does on scene close and before the next run
-    assert list(tmp_path.iterdir()) == [] and not second.has_map("level2")
+    assert list(tmp_path.iterdir()) == [] and second.attention_node("level2") is None
 
 
 def test_a_chosen_segmentation_is_written_into(first_run, tiny_model, tmp_path):
@@ -420,10 +420,12 @@ def test_gpu_question_is_answered_by_a_child_process():
 
 
 def test_the_parent_end_imports_no_simpleitk_or_torch():
-    """What the Slicer module imports at start-up (runner, protocol, bridge) loads neither."""
+    """What the Slicer module imports at start-up (runner and what it words results with, protocol, bridge,
+    dependencies, user cases) loads neither."""
     import subprocess
 
-    code = ("import sys; from AttentionUNetSegLib import dependencies, runner, mrml_bridge, model_card; "
+    code = ("import sys; from AttentionUNetSegLib import dependencies, mrml_bridge, model_card, outputs, runner, "
+            "user_cases; "
             "print(sorted(m for m in ('SimpleITK', 'torch') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=protocol.child_environment(), check=True)

@@ -197,14 +197,6 @@ class RunResult:
             nodes[name] = mrml_bridge.add_attention_map(self._scene, self._volume_node, name, volume)
         return nodes.get(name)
 
-    @property
-    def input_node(self):
-        return self._volume_node
-
-    def has_map(self, name: str) -> bool:
-        """Whether map ``name`` is in the scene or can be imported from the child's files."""
-        return self.outputs is not None and (name in self.outputs.attention_nodes or name in self.maps_on_disk)
-
     def discard_files(self) -> None:
         """Remove the child's files (the maps not imported can then no longer be shown)."""
         self.maps_on_disk.clear()
